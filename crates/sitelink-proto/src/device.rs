@@ -1,0 +1,1077 @@
+//! The [`Device`]: many peers, one identity, driven by packets, datagrams and the time.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sitelink_crypto::cookie::{MacCheck, MacChecker};
+use sitelink_crypto::noise::{self, Identity, PeerKeys};
+use sitelink_crypto::{PresharedKey, PrivateKey, PublicKey, Random, Tai64N};
+use sitelink_frame::wire::{
+    self, COOKIE_REPLY_LEN, CookieReply, HandshakeInitiation, HandshakeResponse, INITIATION_LEN, MessageType,
+    RESPONSE_LEN, TRANSPORT_HEADER_LEN, TransportData, mac_offsets,
+};
+use sitelink_frame::{BufPool, PacketBuf, ip};
+
+use crate::config::{DeviceConfig, IpNet, PeerConfig, Timing};
+use crate::peer::{Keypair, Peer, Pending, Slot, Timer};
+use crate::ratelimit::RateLimiter;
+use crate::routing::AllowedIps;
+use crate::stats::{DeviceStats, DropReason, PeerStats};
+
+/// A UDP datagram with its remote address: the destination of one we send, the source of one
+/// we received. The buffer is pooled; hand it back with [`Device::recycle`] once done.
+#[derive(Debug)]
+pub struct Datagram {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// The datagram's bytes.
+    pub buf: PacketBuf,
+}
+
+/// Names a peer of a [`Device`]. Stable until the peer is removed; then it may be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(u32);
+
+impl PeerId {
+    /// The id as an index (dense, from 0).
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Errors of the control-path methods.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// No peer has this id.
+    #[error("no such peer")]
+    NoSuchPeer,
+    /// A peer cannot have the device's own public key.
+    #[error("a peer cannot have the device's own public key")]
+    OwnPublicKey,
+}
+
+/// Receiver indices are random, so a multiplicative hash spreads them well and costs one
+/// multiply (SipHash would cost more per packet than the rest of the lookup).
+#[derive(Default)]
+struct IndexHasher(u64);
+
+impl Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type IndexMap = HashMap<u32, PeerId, BuildHasherDefault<IndexHasher>>;
+
+/// Handshake messages per second, to tell when the device is under load.
+#[derive(Debug, Default)]
+struct LoadMeter {
+    window_start: Option<Instant>,
+    count: u32,
+    under_load_until: Option<Instant>,
+}
+
+impl LoadMeter {
+    fn record(&mut self, now: Instant, threshold: u32) -> bool {
+        match self.window_start {
+            Some(start) if now.saturating_duration_since(start) < Duration::from_secs(1) => {}
+            _ => {
+                self.window_start = Some(now);
+                self.count = 0;
+            }
+        }
+        self.count = self.count.saturating_add(1);
+        if self.count > threshold {
+            self.under_load_until = Some(now + Duration::from_secs(1));
+        }
+        self.under_load_until.is_some_and(|until| now < until)
+    }
+}
+
+/// A read-only view of one peer.
+#[derive(Clone, Copy)]
+pub struct PeerView<'a> {
+    peer: &'a Peer,
+    id: PeerId,
+}
+
+impl std::fmt::Debug for PeerView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerView")
+            .field("id", &self.id)
+            .field("public_key", self.public_key())
+            .field("endpoint", &self.endpoint())
+            .field("allowed_ips", &self.allowed_ips())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> PeerView<'a> {
+    /// The peer's id.
+    pub fn id(&self) -> PeerId {
+        self.id
+    }
+    /// The peer's public key.
+    pub fn public_key(&self) -> &'a PublicKey {
+        self.peer.keys.public_key()
+    }
+    /// The preshared key (all zeros when none).
+    pub fn preshared_key(&self) -> &'a PresharedKey {
+        self.peer.keys.preshared_key()
+    }
+    /// The current endpoint.
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.peer.endpoint
+    }
+    /// The allowed IPs.
+    pub fn allowed_ips(&self) -> &'a [IpNet] {
+        &self.peer.allowed_ips
+    }
+    /// The persistent keepalive interval.
+    pub fn persistent_keepalive(&self) -> Option<Duration> {
+        self.peer.persistent_keepalive
+    }
+    /// The counters.
+    pub fn stats(&self) -> &'a PeerStats {
+        &self.peer.stats
+    }
+    /// Whether a keypair is ready to send on at `now`.
+    pub fn has_session(&self, now: Instant, device: &Device) -> bool {
+        self.peer.current.as_ref().is_some_and(|k| k.can_send(now, &device.config.timing))
+    }
+}
+
+/// A WireGuard device without I/O: one identity, many peers.
+///
+/// # Driving it
+/// Inputs are methods taking `now`; outputs go into vectors the caller owns and drains:
+/// * [`encapsulate`](Self::encapsulate): IP packets from the application (TUN) become
+///   datagrams to send; packets for peers without a session wait while a handshake runs.
+/// * [`decapsulate`](Self::decapsulate): received datagrams become IP packets to deliver, plus
+///   datagrams to send (handshake responses, cookie replies, keepalives, packets that waited).
+/// * [`on_timers`](Self::on_timers): call when [`next_deadline`](Self::next_deadline) passes
+///   (and after any batch of input, whose handling may have moved it).
+///
+/// Buffers flow in a circle: take empty ones from [`alloc_buf`](Self::alloc_buf), and give
+/// every buffer that came out back through [`recycle`](Self::recycle) once sent or delivered.
+/// Once warm, nothing on the data path allocates.
+///
+/// # Time
+/// The device never reads a clock. `now` must not go backwards. Handshake timestamps need the
+/// wall-clock time: the device derives it from the anchor given to [`new`](Self::new).
+pub struct Device {
+    config: DeviceConfig,
+    identity: Identity,
+    checker: MacChecker,
+    peers: Vec<Option<Peer>>,
+    free_ids: Vec<u32>,
+    by_key: HashMap<PublicKey, PeerId>,
+    by_index: IndexMap,
+    prefix_owner: HashMap<IpNet, PeerId>,
+    routes: AllowedIps<PeerId>,
+    rng: Box<dyn Random + Send>,
+    pool: BufPool,
+    anchor: (Instant, Duration),
+    stats: DeviceStats,
+    limiter: RateLimiter,
+    load: LoadMeter,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("public_key", self.identity.public_key())
+            .field("peers", &self.by_key.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-source rate-limiter table size: bounds its memory under a flood from many addresses.
+const RATE_LIMITER_SOURCES: usize = 8192;
+
+impl Device {
+    /// A device with no peers. `now` and `unix_time` (time since the Unix epoch at `now`)
+    /// anchor the wall clock that handshake timestamps need; `rng` must be a CSPRNG.
+    pub fn new(config: DeviceConfig, rng: Box<dyn Random + Send>, now: Instant, unix_time: Duration) -> Self {
+        let identity = Identity::new(config.private_key.clone());
+        let pool = BufPool::for_mtu(config.mtu.max(wire::INITIATION_LEN), 4096);
+        Device {
+            checker: MacChecker::new(&identity),
+            identity,
+            peers: Vec::new(),
+            free_ids: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: IndexMap::default(),
+            prefix_owner: HashMap::new(),
+            routes: AllowedIps::new(),
+            rng,
+            pool,
+            anchor: (now, unix_time),
+            stats: DeviceStats::default(),
+            limiter: RateLimiter::new(
+                config.handshakes_per_source_per_second,
+                config.handshakes_per_source_per_second.div_ceil(2).max(1),
+                RATE_LIMITER_SOURCES,
+            ),
+            load: LoadMeter::default(),
+            config,
+        }
+    }
+
+    // ---- Configuration -----------------------------------------------------------------
+
+    /// The device's public key.
+    pub fn public_key(&self) -> &PublicKey {
+        self.identity.public_key()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// Replaces the private key. Every session is dropped (peers handshake again); a peer with
+    /// the new public key is removed.
+    pub fn set_private_key(&mut self, key: PrivateKey) {
+        self.identity = Identity::new(key.clone());
+        self.config.private_key = key;
+        self.checker = MacChecker::new(&self.identity);
+        if let Some(&own) = self.by_key.get(self.identity.public_key()) {
+            let _ = self.remove_peer(own);
+        }
+        for pid in self.peer_ids().collect::<Vec<_>>() {
+            self.clear_sessions(pid);
+            let peer = self.peers[pid.index()].as_mut().expect("live peer");
+            let psk = peer.keys.preshared_key().clone();
+            let public = *peer.keys.public_key();
+            peer.keys = PeerKeys::new(&self.identity, public, psk);
+        }
+    }
+
+    /// Adds a peer, or updates the peer with the same public key: preshared key, endpoint,
+    /// persistent keepalive and allowed IPs are all set from `config` (the allowed IPs replace
+    /// the old ones). Sessions of an existing peer survive.
+    pub fn upsert_peer(&mut self, now: Instant, config: PeerConfig) -> Result<PeerId, DeviceError> {
+        if config.public_key == *self.identity.public_key() {
+            return Err(DeviceError::OwnPublicKey);
+        }
+        let pid = match self.by_key.get(&config.public_key) {
+            Some(&pid) => pid,
+            None => {
+                let keys = PeerKeys::new(&self.identity, config.public_key, PresharedKey::none());
+                let peer = Peer::new(keys);
+                let pid = match self.free_ids.pop() {
+                    Some(i) => {
+                        self.peers[i as usize] = Some(peer);
+                        PeerId(i)
+                    }
+                    None => {
+                        self.peers.push(Some(peer));
+                        PeerId((self.peers.len() - 1) as u32)
+                    }
+                };
+                self.by_key.insert(config.public_key, pid);
+                pid
+            }
+        };
+        self.peer_mut(pid).keys.set_preshared_key(config.preshared_key.unwrap_or_default());
+        if let Some(ep) = config.endpoint {
+            self.peer_mut(pid).endpoint = Some(ep);
+        }
+        self.set_persistent_keepalive(now, pid, config.persistent_keepalive)?;
+        self.set_allowed_ips(pid, &config.allowed_ips)?;
+        Ok(pid)
+    }
+
+    /// Removes a peer, erasing its keys and dropping its waiting packets.
+    pub fn remove_peer(&mut self, pid: PeerId) -> Result<(), DeviceError> {
+        let peer = self.peers.get_mut(pid.index()).and_then(Option::take).ok_or(DeviceError::NoSuchPeer)?;
+        for idx in peer.indices() {
+            self.by_index.remove(&idx);
+        }
+        self.by_key.remove(peer.keys.public_key());
+        for net in &peer.allowed_ips {
+            self.prefix_owner.remove(net);
+        }
+        for buf in peer.staged {
+            self.pool.put(buf);
+        }
+        self.free_ids.push(pid.0);
+        self.rebuild_routes();
+        Ok(())
+    }
+
+    /// Removes every peer.
+    pub fn clear_peers(&mut self) {
+        for pid in self.peer_ids().collect::<Vec<_>>() {
+            let _ = self.remove_peer(pid);
+        }
+    }
+
+    /// Sets a peer's endpoint (it changes again when the peer roams).
+    pub fn set_endpoint(&mut self, pid: PeerId, endpoint: SocketAddr) -> Result<(), DeviceError> {
+        self.peer_checked(pid)?.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    /// Sets a peer's preshared key (`PresharedKey::none()` for none). Applies from the next
+    /// handshake.
+    pub fn set_preshared_key(&mut self, pid: PeerId, psk: PresharedKey) -> Result<(), DeviceError> {
+        self.peer_checked(pid)?.keys.set_preshared_key(psk);
+        Ok(())
+    }
+
+    /// Sets or clears the persistent keepalive. Turning it on sends a keepalive at once (at the
+    /// next [`on_timers`](Self::on_timers)), as the reference implementations do.
+    pub fn set_persistent_keepalive(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        interval: Option<Duration>,
+    ) -> Result<(), DeviceError> {
+        let interval = interval.filter(|d| !d.is_zero());
+        let peer = self.peer_checked(pid)?;
+        let turned_on = interval.is_some() && peer.persistent_keepalive != interval;
+        peer.persistent_keepalive = interval;
+        if interval.is_none() {
+            peer.cancel_timer(Timer::PersistentKeepalive);
+        } else if turned_on {
+            peer.set_timer(Timer::PersistentKeepalive, now);
+        }
+        Ok(())
+    }
+
+    /// Replaces a peer's allowed IPs. A prefix another peer had moves to this one.
+    pub fn set_allowed_ips(&mut self, pid: PeerId, nets: &[IpNet]) -> Result<(), DeviceError> {
+        let old = std::mem::take(&mut self.peer_checked(pid)?.allowed_ips);
+        for net in &old {
+            self.prefix_owner.remove(net);
+        }
+        let rebuild = !old.is_empty();
+        for net in nets {
+            self.claim_prefix(pid, *net);
+        }
+        if rebuild {
+            self.rebuild_routes();
+        }
+        Ok(())
+    }
+
+    /// Adds one allowed IP prefix to a peer. A prefix another peer had moves to this one.
+    pub fn add_allowed_ip(&mut self, pid: PeerId, net: IpNet) -> Result<(), DeviceError> {
+        self.peer_checked(pid)?;
+        self.claim_prefix(pid, net);
+        Ok(())
+    }
+
+    fn claim_prefix(&mut self, pid: PeerId, net: IpNet) {
+        if let Some(prev) = self.prefix_owner.insert(net, pid) {
+            if prev == pid {
+                return;
+            }
+            if let Some(p) = self.peers.get_mut(prev.index()).and_then(Option::as_mut) {
+                p.allowed_ips.retain(|n| *n != net);
+            }
+        }
+        self.peer_mut(pid).allowed_ips.push(net);
+        self.routes.insert(net, pid);
+    }
+
+    fn rebuild_routes(&mut self) {
+        self.routes.clear();
+        for (i, peer) in self.peers.iter().enumerate() {
+            if let Some(peer) = peer {
+                for net in &peer.allowed_ips {
+                    self.routes.insert(*net, PeerId(i as u32));
+                }
+            }
+        }
+    }
+
+    /// The peer with this public key.
+    pub fn peer_by_key(&self, key: &PublicKey) -> Option<PeerId> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The peer an inner destination address routes to.
+    pub fn route(&self, ip: std::net::IpAddr) -> Option<PeerId> {
+        self.routes.lookup(ip)
+    }
+
+    /// A view of a peer.
+    pub fn peer(&self, pid: PeerId) -> Option<PeerView<'_>> {
+        self.peers.get(pid.index()).and_then(Option::as_ref).map(|peer| PeerView { peer, id: pid })
+    }
+
+    /// Every peer's id, in id order.
+    pub fn peer_ids(&self) -> impl Iterator<Item = PeerId> + '_ {
+        self.peers.iter().enumerate().filter(|(_, p)| p.is_some()).map(|(i, _)| PeerId(i as u32))
+    }
+
+    /// Number of peers.
+    pub fn peer_count(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Device-wide counters.
+    pub fn stats(&self) -> &DeviceStats {
+        &self.stats
+    }
+
+    /// Overrides the measured handshake load (for tests and for drivers that measure load by
+    /// their own queue depth): the device counts as under load until `until`.
+    pub fn set_under_load_until(&mut self, until: Option<Instant>) {
+        self.load.under_load_until = until;
+    }
+
+    // ---- Buffers -------------------------------------------------------------------------
+
+    /// An empty pooled buffer with the device's headroom, sized for one MTU packet.
+    #[inline]
+    pub fn alloc_buf(&mut self) -> PacketBuf {
+        self.pool.get()
+    }
+
+    /// Returns a buffer to the pool.
+    #[inline]
+    pub fn recycle(&mut self, buf: PacketBuf) {
+        self.pool.put(buf);
+    }
+
+    /// The buffer pool.
+    pub fn pool_mut(&mut self) -> &mut BufPool {
+        &mut self.pool
+    }
+
+    // ---- Data path -----------------------------------------------------------------------
+
+    /// Encrypts IP packets (drained from `packets`) to their peers; datagrams to send are
+    /// pushed to `out`. A packet whose peer has no session waits for the handshake this starts.
+    pub fn encapsulate(&mut self, now: Instant, packets: &mut Vec<PacketBuf>, out: &mut Vec<Datagram>) {
+        for buf in packets.drain(..) {
+            let dst = match ip::peek(buf.data()) {
+                Ok(p) => p.dst,
+                Err(_) => {
+                    self.drop_buf(None, DropReason::OutboundMalformed, buf);
+                    continue;
+                }
+            };
+            match self.routes.lookup(dst) {
+                Some(pid) => self.send_packet(now, pid, buf, out),
+                None => self.drop_buf(None, DropReason::NoRoute, buf),
+            }
+        }
+    }
+
+    /// Handles received datagrams (drained from `datagrams`): IP packets to deliver go to
+    /// `packets`, datagrams to send to `out`. Nothing received can make this panic; every
+    /// datagram not delivered is counted by reason.
+    pub fn decapsulate(
+        &mut self,
+        now: Instant,
+        datagrams: &mut Vec<Datagram>,
+        packets: &mut Vec<PacketBuf>,
+        out: &mut Vec<Datagram>,
+    ) {
+        for d in datagrams.drain(..) {
+            match wire::classify(d.buf.data()) {
+                Ok(MessageType::TransportData) => self.receive_data(now, d, packets, out),
+                Ok(MessageType::HandshakeInitiation) => self.receive_initiation(now, d, out),
+                Ok(MessageType::HandshakeResponse) => self.receive_response(now, d, out),
+                Ok(MessageType::CookieReply) => self.receive_cookie_reply(now, d),
+                Err(_) => self.drop_buf(None, DropReason::Malformed, d.buf),
+            }
+        }
+    }
+
+    /// Sends the packet to `pid` if a session is up; else stages it and starts a handshake.
+    #[inline]
+    fn send_packet(&mut self, now: Instant, pid: PeerId, mut buf: PacketBuf, out: &mut Vec<Datagram>) {
+        let timing = self.config.timing;
+        let mtu = self.config.mtu;
+        let peer = self.peer_mut(pid);
+        let Some(endpoint) = peer.endpoint else {
+            self.drop_buf(Some(pid), DropReason::NoEndpoint, buf);
+            return;
+        };
+        if !peer.staged.is_empty() {
+            self.stage(pid, buf);
+            self.send_staged(now, pid, out);
+            return;
+        }
+        let Some(kp) = peer.current.as_mut().filter(|k| k.can_send(now, &timing)) else {
+            self.stage(pid, buf);
+            self.send_staged(now, pid, out);
+            return;
+        };
+        let is_data = !buf.is_empty();
+        if kp.seal(&mut buf, mtu).is_err() {
+            self.drop_buf(Some(pid), DropReason::NoTailroom, buf);
+            return;
+        }
+        let rekey = (kp.initiator && now.saturating_duration_since(kp.created) >= timing.rekey_after_time)
+            || kp.send_counter > timing.rekey_after_messages;
+        peer.stats.tx_bytes += buf.len() as u64;
+        if is_data {
+            peer.stats.tx_packets += 1;
+        } else {
+            peer.stats.keepalives_sent += 1;
+        }
+        out.push(Datagram { addr: endpoint, buf });
+        self.on_authenticated_sent(now, pid, is_data);
+        if rekey {
+            self.initiate(now, pid, out, false);
+        }
+    }
+
+    fn stage(&mut self, pid: PeerId, buf: PacketBuf) {
+        let max = self.config.max_staged_packets.max(1);
+        let peer = self.peer_mut(pid);
+        let overflow = if peer.staged.len() >= max { peer.staged.pop_front() } else { None };
+        self.peer_mut(pid).staged.push_back(buf);
+        if let Some(old) = overflow {
+            self.drop_buf(Some(pid), DropReason::StagedOverflow, old);
+        }
+    }
+
+    /// Sends every staged packet if a session is up, else starts a handshake.
+    fn send_staged(&mut self, now: Instant, pid: PeerId, out: &mut Vec<Datagram>) {
+        let timing = self.config.timing;
+        let peer = self.peer_mut(pid);
+        if peer.current.as_ref().is_none_or(|k| !k.can_send(now, &timing)) || peer.endpoint.is_none() {
+            self.initiate(now, pid, out, false);
+            return;
+        }
+        let staged = std::mem::take(&mut self.peer_mut(pid).staged);
+        let mut staged = staged;
+        while let Some(buf) = staged.pop_front() {
+            self.send_packet(now, pid, buf, out);
+        }
+        // Keep the (now empty) queue's allocation for next time.
+        let peer = self.peer_mut(pid);
+        if peer.staged.is_empty() {
+            peer.staged = staged;
+        }
+    }
+
+    /// Sends a keepalive: staged packets if any are waiting, else an empty transport message.
+    fn send_keepalive(&mut self, now: Instant, pid: PeerId, out: &mut Vec<Datagram>) {
+        if self.peer_mut(pid).staged.is_empty() {
+            let buf = self.pool.get();
+            self.peer_mut(pid).staged.push_back(buf);
+        }
+        self.send_staged(now, pid, out);
+    }
+
+    fn receive_data(
+        &mut self,
+        now: Instant,
+        mut d: Datagram,
+        packets: &mut Vec<PacketBuf>,
+        out: &mut Vec<Datagram>,
+    ) {
+        let timing = self.config.timing;
+        let (index, counter) = match TransportData::new_checked(d.buf.data()) {
+            Ok(m) => (m.receiver_index(), m.counter()),
+            Err(_) => return self.drop_buf(None, DropReason::Malformed, d.buf),
+        };
+        let Some(&pid) = self.by_index.get(&index) else {
+            return self.drop_buf(None, DropReason::UnknownReceiverIndex, d.buf);
+        };
+        let peer = self.peer_mut(pid);
+        let Some(slot) = peer.slot_of(index) else {
+            return self.drop_buf(Some(pid), DropReason::UnknownReceiverIndex, d.buf);
+        };
+        let kp = peer.keypair(slot).expect("slot_of found it");
+        if !kp.can_receive(now, &timing) {
+            return self.drop_buf(Some(pid), DropReason::ExpiredKeypair, d.buf);
+        }
+        if kp.replay.check(counter).is_err() {
+            return self.drop_buf(Some(pid), DropReason::Replay, d.buf);
+        }
+        let wire_len = d.buf.len();
+        d.buf.advance(TRANSPORT_HEADER_LEN).expect("length checked by classify");
+        let Some(len) = kp.open(counter, d.buf.data_mut()) else {
+            return self.drop_buf(Some(pid), DropReason::DecryptFailed, d.buf);
+        };
+        let kp = peer.keypair_mut(slot).expect("slot_of found it");
+        if kp.replay.accept(counter).is_err() {
+            return self.drop_buf(Some(pid), DropReason::Replay, d.buf);
+        }
+        d.buf.truncate(len);
+        // Authenticated from here on.
+        peer.stats.rx_bytes += wire_len as u64;
+        peer.endpoint = Some(d.addr);
+        let confirmed = slot == Slot::Next;
+        if confirmed {
+            self.confirm_next(pid);
+        }
+        self.on_authenticated_received(now, pid);
+        self.keep_key_fresh_on_receive(now, pid, out);
+        if len == 0 {
+            self.peer_mut(pid).stats.keepalives_received += 1;
+            self.pool.put(d.buf);
+        } else {
+            match ip::peek(d.buf.data()) {
+                Err(_) => self.drop_buf(Some(pid), DropReason::InnerMalformed, d.buf),
+                Ok(p) if self.routes.lookup(p.src) != Some(pid) => {
+                    self.drop_buf(Some(pid), DropReason::SourceNotAllowed, d.buf)
+                }
+                Ok(p) => {
+                    d.buf.truncate(p.total_len);
+                    let peer = self.peer_mut(pid);
+                    peer.stats.rx_packets += 1;
+                    if peer.timer(Timer::SendKeepalive).is_none() {
+                        peer.set_timer(Timer::SendKeepalive, now + timing.keepalive_timeout);
+                    } else {
+                        peer.need_another_keepalive = true;
+                    }
+                    packets.push(d.buf);
+                }
+            }
+        }
+        if confirmed {
+            self.send_staged(now, pid, out);
+        }
+    }
+
+    /// The responder's new keypair is confirmed by the first message on it: it becomes current.
+    fn confirm_next(&mut self, pid: PeerId) {
+        let peer = self.peer_mut(pid);
+        let old_previous = peer.previous.take();
+        peer.previous = peer.current.take();
+        peer.current = peer.next.take();
+        if let Some(kp) = old_previous {
+            self.by_index.remove(&kp.local_index);
+        }
+        self.handshake_complete(pid);
+    }
+
+    // ---- Handshakes ----------------------------------------------------------------------
+
+    fn wall_clock(&self, now: Instant) -> Duration {
+        self.anchor.1 + now.saturating_duration_since(self.anchor.0)
+    }
+
+    fn jitter(&mut self) -> Duration {
+        let max = self.config.timing.rekey_timeout_jitter.as_micros() as u32;
+        if max == 0 { Duration::ZERO } else { Duration::from_micros(u64::from(self.rng.next_u32() % max)) }
+    }
+
+    /// A fresh random local index, registered to `pid`.
+    fn new_index(&mut self, pid: PeerId) -> u32 {
+        loop {
+            let i = self.rng.next_u32();
+            if let std::collections::hash_map::Entry::Vacant(e) = self.by_index.entry(i) {
+                e.insert(pid);
+                return i;
+            }
+        }
+    }
+
+    /// Starts a handshake with `pid` (sends an initiation), unless one went out less than
+    /// REKEY_TIMEOUT ago.
+    fn initiate(&mut self, now: Instant, pid: PeerId, out: &mut Vec<Datagram>, is_retry: bool) {
+        let timing = self.config.timing;
+        let peer = self.peer_mut(pid);
+        if peer.last_initiation_sent.is_some_and(|t| now.saturating_duration_since(t) < timing.rekey_timeout)
+        {
+            return;
+        }
+        if !is_retry {
+            peer.handshake_attempts = 0;
+        }
+        let Some(endpoint) = peer.endpoint else { return };
+        if let Some(old) = peer.pending.take() {
+            self.by_index.remove(&old.state.local_index());
+        }
+        let index = self.new_index(pid);
+        let unix = self.wall_clock(now);
+        let timestamp = Tai64N::from_unix(unix.as_secs(), unix.subsec_nanos());
+        let mut buf = self.pool.get();
+        buf.set_len(INITIATION_LEN).expect("pool buffers hold a handshake message");
+        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        let result = noise::initiate(
+            &self.identity,
+            &peer.keys,
+            index,
+            timestamp,
+            &mut *self.rng,
+            &mut HandshakeInitiation::new_unchecked(buf.data_mut()),
+        );
+        let state = match result {
+            Ok(state) => state,
+            Err(_) => {
+                // Only a low-order peer key gets here; nothing can be sent to such a peer.
+                self.by_index.remove(&index);
+                self.pool.put(buf);
+                return;
+            }
+        };
+        peer.sealer.seal(now, buf.data_mut(), mac_offsets::INITIATION_MAC1);
+        peer.pending = Some(Pending { state });
+        peer.last_initiation_sent = Some(now);
+        peer.stats.handshake_initiations_sent += 1;
+        peer.stats.tx_bytes += INITIATION_LEN as u64;
+        self.stats.handshake_initiations_sent += 1;
+        out.push(Datagram { addr: endpoint, buf });
+        let jitter = self.jitter();
+        self.peer_mut(pid).set_timer(Timer::RetransmitHandshake, now + timing.rekey_timeout + jitter);
+        self.on_authenticated_sent(now, pid, false);
+    }
+
+    /// Checks mac1 (and under load mac2 and the source's rate), answering with a cookie reply
+    /// when a cookie is needed. Returns whether to go on with the message.
+    fn admit_handshake(
+        &mut self,
+        now: Instant,
+        d: &Datagram,
+        mac1_offset: usize,
+        sender_index: u32,
+        out: &mut Vec<Datagram>,
+    ) -> bool {
+        let check = self.checker.check(now, d.buf.data(), mac1_offset, d.addr);
+        if check == MacCheck::BadMac1 {
+            self.stats.drops.add(DropReason::BadMac1);
+            return false;
+        }
+        let under_load = self.load.record(now, self.config.handshake_load_threshold);
+        if !under_load {
+            return true;
+        }
+        if check == MacCheck::Mac1 {
+            let mut reply = self.pool.get();
+            reply.set_len(COOKIE_REPLY_LEN).expect("pool buffers hold a cookie reply");
+            let mac1: [u8; 16] =
+                d.buf.data()[mac1_offset..mac1_offset + 16].try_into().expect("length checked by classify");
+            self.checker.cookie_reply(
+                now,
+                &mut *self.rng,
+                &mac1,
+                sender_index,
+                d.addr,
+                &mut CookieReply::new_unchecked(reply.data_mut()),
+            );
+            out.push(Datagram { addr: d.addr, buf: reply });
+            self.stats.cookie_replies_sent += 1;
+            self.stats.drops.add(DropReason::CookieRequired);
+            return false;
+        }
+        if !self.limiter.allow(now, d.addr.ip()) {
+            self.stats.drops.add(DropReason::RateLimited);
+            return false;
+        }
+        true
+    }
+
+    fn receive_initiation(&mut self, now: Instant, d: Datagram, out: &mut Vec<Datagram>) {
+        let sender_index = match HandshakeInitiation::new_checked(d.buf.data()) {
+            Ok(m) => m.sender_index(),
+            Err(_) => return self.drop_buf(None, DropReason::Malformed, d.buf),
+        };
+        if !self.admit_handshake(now, &d, mac_offsets::INITIATION_MAC1, sender_index, out) {
+            return self.pool.put(d.buf);
+        }
+        let msg = HandshakeInitiation::new_checked(d.buf.data()).expect("checked above");
+        let unverified = match noise::consume_initiation(&self.identity, &msg) {
+            Ok(u) => u,
+            Err(_) => return self.drop_buf(None, DropReason::HandshakeDecryptFailed, d.buf),
+        };
+        let Some(&pid) = self.by_key.get(unverified.remote_static()) else {
+            return self.drop_buf(None, DropReason::UnknownPeer, d.buf);
+        };
+        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        let received = match unverified.verify(&peer.keys) {
+            Ok(r) => r,
+            Err(_) => return self.drop_buf(Some(pid), DropReason::HandshakeDecryptFailed, d.buf),
+        };
+        if peer.greatest_timestamp.is_some_and(|t| received.timestamp() <= t) {
+            return self.drop_buf(Some(pid), DropReason::StaleTimestamp, d.buf);
+        }
+        let min_gap = Duration::from_secs(1) / 50;
+        if peer.last_initiation_consumed.is_some_and(|t| now.saturating_duration_since(t) < min_gap) {
+            return self.drop_buf(Some(pid), DropReason::InitiationFlood, d.buf);
+        }
+        peer.greatest_timestamp = Some(received.timestamp());
+        peer.last_initiation_consumed = Some(now);
+        peer.endpoint = Some(d.addr);
+        peer.stats.rx_bytes += INITIATION_LEN as u64;
+        self.on_authenticated_received(now, pid);
+
+        // Answer it. The response goes into the datagram's own buffer.
+        let index = self.new_index(pid);
+        let mut buf = d.buf;
+        buf.set_len(RESPONSE_LEN).expect("an initiation's buffer holds a response");
+        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        let keys = match received.respond(
+            &peer.keys,
+            index,
+            &mut *self.rng,
+            &mut HandshakeResponse::new_unchecked(buf.data_mut()),
+        ) {
+            Ok(k) => k,
+            Err(_) => {
+                self.by_index.remove(&index);
+                return self.drop_buf(Some(pid), DropReason::HandshakeDecryptFailed, buf);
+            }
+        };
+        peer.sealer.seal(now, buf.data_mut(), mac_offsets::RESPONSE_MAC1);
+        let old_next = peer.next.replace(Keypair::new(&keys, now));
+        peer.stats.tx_bytes += RESPONSE_LEN as u64;
+        if let Some(kp) = old_next {
+            self.by_index.remove(&kp.local_index);
+        }
+        self.stats.handshake_responses_sent += 1;
+        out.push(Datagram { addr: d.addr, buf });
+        self.on_authenticated_sent(now, pid, false);
+        self.session_derived(now, pid);
+    }
+
+    fn receive_response(&mut self, now: Instant, d: Datagram, out: &mut Vec<Datagram>) {
+        let (sender_index, receiver_index) = match HandshakeResponse::new_checked(d.buf.data()) {
+            Ok(m) => (m.sender_index(), m.receiver_index()),
+            Err(_) => return self.drop_buf(None, DropReason::Malformed, d.buf),
+        };
+        // Only a response to a handshake in progress can cost Diffie-Hellman work, so that
+        // cheap lookup comes before the load accounting.
+        let pid = self.by_index.get(&receiver_index).copied().filter(|pid| {
+            self.peers[pid.index()]
+                .as_ref()
+                .and_then(|p| p.pending.as_ref())
+                .is_some_and(|p| p.state.local_index() == receiver_index)
+        });
+        let Some(pid) = pid else {
+            return self.drop_buf(None, DropReason::UnexpectedHandshake, d.buf);
+        };
+        if !self.admit_handshake(now, &d, mac_offsets::RESPONSE_MAC1, sender_index, out) {
+            return self.pool.put(d.buf);
+        }
+        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        let pending = peer.pending.as_ref().expect("checked above");
+        let msg = HandshakeResponse::new_checked(d.buf.data()).expect("checked above");
+        let keys = match pending.state.consume_response(&self.identity, &peer.keys, &msg) {
+            Ok(k) => k,
+            Err(_) => return self.drop_buf(Some(pid), DropReason::HandshakeDecryptFailed, d.buf),
+        };
+        peer.pending = None;
+        peer.endpoint = Some(d.addr);
+        peer.stats.rx_bytes += RESPONSE_LEN as u64;
+        // The initiator's new keypair is confirmed at once: it becomes current.
+        let new = Keypair::new(&keys, now);
+        let freed = match peer.next.take() {
+            Some(next) => peer.previous.replace(next),
+            None => {
+                let cur = peer.current.take();
+                std::mem::replace(&mut peer.previous, cur)
+            }
+        };
+        peer.current = Some(new);
+        if let Some(kp) = freed {
+            self.by_index.remove(&kp.local_index);
+        }
+        self.pool.put(d.buf);
+        self.session_derived(now, pid);
+        self.handshake_complete(pid);
+        self.on_authenticated_received(now, pid);
+        self.send_keepalive(now, pid, out);
+    }
+
+    fn receive_cookie_reply(&mut self, now: Instant, d: Datagram) {
+        let Ok(msg) = CookieReply::new_checked(d.buf.data()) else {
+            return self.drop_buf(None, DropReason::Malformed, d.buf);
+        };
+        let Some(&pid) = self.by_index.get(&msg.receiver_index()) else {
+            return self.drop_buf(None, DropReason::UnexpectedHandshake, d.buf);
+        };
+        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        match peer.sealer.consume_reply(now, &msg) {
+            Ok(()) => self.pool.put(d.buf),
+            Err(_) => self.drop_buf(Some(pid), DropReason::CookieDecryptFailed, d.buf),
+        }
+    }
+
+    // ---- Timers --------------------------------------------------------------------------
+
+    fn on_authenticated_sent(&mut self, now: Instant, pid: PeerId, is_data: bool) {
+        let timing = self.config.timing;
+        let needs_new_handshake_timer = is_data && self.peer_mut(pid).timer(Timer::NewHandshake).is_none();
+        let jitter = if needs_new_handshake_timer { self.jitter() } else { Duration::ZERO };
+        let peer = self.peer_mut(pid);
+        peer.cancel_timer(Timer::SendKeepalive);
+        if needs_new_handshake_timer {
+            peer.set_timer(
+                Timer::NewHandshake,
+                now + timing.keepalive_timeout + timing.rekey_timeout + jitter,
+            );
+        }
+        if let Some(interval) = peer.persistent_keepalive {
+            peer.set_timer(Timer::PersistentKeepalive, now + interval);
+        }
+    }
+
+    fn on_authenticated_received(&mut self, now: Instant, pid: PeerId) {
+        let peer = self.peer_mut(pid);
+        peer.cancel_timer(Timer::NewHandshake);
+        if let Some(interval) = peer.persistent_keepalive {
+            peer.set_timer(Timer::PersistentKeepalive, now + interval);
+        }
+    }
+
+    fn keep_key_fresh_on_receive(&mut self, now: Instant, pid: PeerId, out: &mut Vec<Datagram>) {
+        let timing = self.config.timing;
+        let threshold =
+            timing.reject_after_time.saturating_sub(timing.keepalive_timeout + timing.rekey_timeout);
+        let peer = self.peer_mut(pid);
+        let old = peer
+            .current
+            .as_ref()
+            .is_some_and(|k| k.initiator && now.saturating_duration_since(k.created) >= threshold);
+        if old && !peer.sent_lastminute_handshake {
+            peer.sent_lastminute_handshake = true;
+            self.initiate(now, pid, out, false);
+        }
+    }
+
+    fn session_derived(&mut self, now: Instant, pid: PeerId) {
+        let t = self.config.timing.reject_after_time * 3;
+        self.peer_mut(pid).set_timer(Timer::ZeroKeyMaterial, now + t);
+    }
+
+    fn handshake_complete(&mut self, pid: PeerId) {
+        let now_wall = {
+            // The wall-clock time of the last handshake, as `wg` shows it; derived from the
+            // keypair's creation instant, which is "now" for both callers.
+            let created = self.peer_mut(pid).current.as_ref().map(|k| k.created);
+            created.map(|c| self.wall_clock(c))
+        };
+        let peer = self.peer_mut(pid);
+        peer.cancel_timer(Timer::RetransmitHandshake);
+        peer.handshake_attempts = 0;
+        peer.sent_lastminute_handshake = false;
+        peer.stats.handshakes_completed += 1;
+        if now_wall.is_some() {
+            peer.stats.last_handshake = now_wall;
+        }
+        self.stats.sessions_established += 1;
+    }
+
+    fn clear_sessions(&mut self, pid: PeerId) {
+        let peer = self.peer_mut(pid);
+        let indices: [Option<u32>; 4] = [
+            peer.next.take().map(|k| k.local_index),
+            peer.current.take().map(|k| k.local_index),
+            peer.previous.take().map(|k| k.local_index),
+            peer.pending.take().map(|p| p.state.local_index()),
+        ];
+        for idx in indices.into_iter().flatten() {
+            self.by_index.remove(&idx);
+        }
+    }
+
+    /// The earliest time at which [`on_timers`](Self::on_timers) has work, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.peers.iter().flatten().flat_map(|p| p.timers.iter().flatten()).min().copied()
+    }
+
+    /// Runs every timer due at `now`: handshake retries, keepalives, rekeys, key erasure.
+    pub fn on_timers(&mut self, now: Instant, out: &mut Vec<Datagram>) {
+        for i in 0..self.peers.len() {
+            let pid = PeerId(i as u32);
+            for timer in Timer::ALL {
+                let Some(peer) = self.peers[i].as_mut() else { break };
+                if peer.timer(timer).is_none_or(|t| t > now) {
+                    continue;
+                }
+                peer.cancel_timer(timer);
+                self.fire(now, pid, timer, out);
+            }
+        }
+    }
+
+    fn fire(&mut self, now: Instant, pid: PeerId, timer: Timer, out: &mut Vec<Datagram>) {
+        let timing: Timing = self.config.timing;
+        match timer {
+            Timer::RetransmitHandshake => {
+                let peer = self.peer_mut(pid);
+                if peer.handshake_attempts > timing.max_handshake_attempts() {
+                    peer.cancel_timer(Timer::SendKeepalive);
+                    if let Some(p) = peer.pending.take() {
+                        self.by_index.remove(&p.state.local_index());
+                    }
+                    let peer = self.peer_mut(pid);
+                    let staged = std::mem::take(&mut peer.staged);
+                    if peer.timer(Timer::ZeroKeyMaterial).is_none() {
+                        peer.set_timer(Timer::ZeroKeyMaterial, now + timing.reject_after_time * 3);
+                    }
+                    for buf in staged {
+                        self.drop_buf(Some(pid), DropReason::HandshakeGaveUp, buf);
+                    }
+                } else {
+                    peer.handshake_attempts += 1;
+                    self.initiate(now, pid, out, true);
+                }
+            }
+            Timer::SendKeepalive => {
+                self.send_keepalive(now, pid, out);
+                let peer = self.peer_mut(pid);
+                if peer.need_another_keepalive {
+                    peer.need_another_keepalive = false;
+                    peer.set_timer(Timer::SendKeepalive, now + timing.keepalive_timeout);
+                }
+            }
+            Timer::NewHandshake => self.initiate(now, pid, out, false),
+            Timer::ZeroKeyMaterial => self.clear_sessions(pid),
+            Timer::PersistentKeepalive => {
+                if self.peer_mut(pid).persistent_keepalive.is_some() {
+                    self.send_keepalive(now, pid, out);
+                }
+            }
+        }
+    }
+
+    /// Starts a handshake with `pid` now (unless one went out less than REKEY_TIMEOUT ago).
+    pub fn force_handshake(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        out: &mut Vec<Datagram>,
+    ) -> Result<(), DeviceError> {
+        self.peer_checked(pid)?;
+        self.initiate(now, pid, out, false);
+        Ok(())
+    }
+
+    // ---- Helpers -------------------------------------------------------------------------
+
+    #[inline]
+    fn peer_mut(&mut self, pid: PeerId) -> &mut Peer {
+        self.peers[pid.index()].as_mut().expect("PeerId of a live peer")
+    }
+
+    fn peer_checked(&mut self, pid: PeerId) -> Result<&mut Peer, DeviceError> {
+        self.peers.get_mut(pid.index()).and_then(Option::as_mut).ok_or(DeviceError::NoSuchPeer)
+    }
+
+    /// Counts a drop (on the device, and on the peer if known) and recycles the buffer.
+    #[inline]
+    fn drop_buf(&mut self, pid: Option<PeerId>, reason: DropReason, buf: PacketBuf) {
+        self.stats.drops.add(reason);
+        if let Some(pid) = pid
+            && let Some(peer) = self.peers.get_mut(pid.index()).and_then(Option::as_mut)
+        {
+            peer.stats.drops.add(reason);
+        }
+        self.pool.put(buf);
+    }
+}

@@ -1,0 +1,221 @@
+//! One peer's state: keypairs, handshake, timers, staged packets and counters.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sitelink_crypto::cookie::MacSealer;
+use sitelink_crypto::noise::{InitiatorState, PeerKeys, SessionKeys};
+use sitelink_crypto::{ReplayWindow, SealError, Tai64N, TransportKey};
+use sitelink_frame::PacketBuf;
+use sitelink_frame::wire::{TRANSPORT_HEADER_LEN, write_transport_header};
+
+use crate::config::{IpNet, Timing};
+use crate::stats::PeerStats;
+
+/// The timers of a peer (WireGuard whitepaper, section 6), indexing [`Peer::timers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub(crate) enum Timer {
+    /// Resend the initiation if no response came (REKEY_TIMEOUT plus jitter).
+    RetransmitHandshake,
+    /// Send a keepalive if data was received and nothing sent back (KEEPALIVE_TIMEOUT).
+    SendKeepalive,
+    /// Start a handshake if data was sent and nothing came back.
+    NewHandshake,
+    /// Erase all keys after 3 x REJECT_AFTER_TIME without a new session.
+    ZeroKeyMaterial,
+    /// Configured persistent keepalive.
+    PersistentKeepalive,
+}
+
+impl Timer {
+    pub(crate) const ALL: [Timer; 5] = [
+        Timer::RetransmitHandshake,
+        Timer::SendKeepalive,
+        Timer::NewHandshake,
+        Timer::ZeroKeyMaterial,
+        Timer::PersistentKeepalive,
+    ];
+}
+
+/// A transport keypair: one key each way, the sending counter and the replay window.
+pub(crate) struct Keypair {
+    send: TransportKey,
+    recv: TransportKey,
+    pub(crate) send_counter: u64,
+    pub(crate) replay: ReplayWindow,
+    pub(crate) local_index: u32,
+    pub(crate) remote_index: u32,
+    pub(crate) created: Instant,
+    pub(crate) initiator: bool,
+}
+
+impl Keypair {
+    pub(crate) fn new(keys: &SessionKeys, now: Instant) -> Self {
+        Keypair {
+            send: TransportKey::new(&keys.send),
+            recv: TransportKey::new(&keys.recv),
+            send_counter: 0,
+            replay: ReplayWindow::new(),
+            local_index: keys.local_index,
+            remote_index: keys.remote_index,
+            created: now,
+            initiator: keys.initiator,
+        }
+    }
+
+    /// Whether this keypair may still send at `now`.
+    #[inline]
+    pub(crate) fn can_send(&self, now: Instant, timing: &Timing) -> bool {
+        now.saturating_duration_since(self.created) < timing.reject_after_time
+            && self.send_counter < timing.reject_after_messages
+    }
+
+    /// Whether this keypair may still receive at `now`.
+    #[inline]
+    pub(crate) fn can_receive(&self, now: Instant, timing: &Timing) -> bool {
+        now.saturating_duration_since(self.created) < timing.reject_after_time
+            && self.replay.next_expected() < timing.reject_after_messages
+    }
+
+    /// Seals the packet in `buf` in place and prepends the transport header.
+    #[inline]
+    pub(crate) fn seal(&mut self, buf: &mut PacketBuf, mtu: usize) -> Result<(), SealError> {
+        if buf.headroom() < TRANSPORT_HEADER_LEN {
+            return Err(SealError::NoTailroom { have: buf.headroom(), need: TRANSPORT_HEADER_LEN });
+        }
+        let counter = self.send_counter;
+        self.send.seal(counter, buf, mtu)?;
+        let header = buf.prepend(TRANSPORT_HEADER_LEN).expect("headroom checked");
+        write_transport_header(header.try_into().expect("16 bytes"), self.remote_index, counter);
+        self.send_counter += 1;
+        Ok(())
+    }
+
+    /// Opens `ciphertext` in place; returns the plaintext length.
+    #[inline]
+    pub(crate) fn open(&self, counter: u64, ciphertext: &mut [u8]) -> Option<usize> {
+        self.recv.open(counter, ciphertext).ok().map(|p| p.len())
+    }
+}
+
+/// Which of a peer's three keypairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Next,
+    Current,
+    Previous,
+}
+
+/// An initiation we sent and await the response to.
+pub(crate) struct Pending {
+    pub(crate) state: InitiatorState,
+}
+
+/// One peer.
+pub(crate) struct Peer {
+    pub(crate) keys: PeerKeys,
+    pub(crate) sealer: MacSealer,
+    pub(crate) endpoint: Option<SocketAddr>,
+    pub(crate) allowed_ips: Vec<IpNet>,
+    pub(crate) persistent_keepalive: Option<Duration>,
+
+    pub(crate) pending: Option<Pending>,
+    pub(crate) handshake_attempts: u32,
+    pub(crate) last_initiation_sent: Option<Instant>,
+    pub(crate) last_initiation_consumed: Option<Instant>,
+    pub(crate) greatest_timestamp: Option<Tai64N>,
+
+    pub(crate) next: Option<Keypair>,
+    pub(crate) current: Option<Keypair>,
+    pub(crate) previous: Option<Keypair>,
+
+    pub(crate) timers: [Option<Instant>; Timer::ALL.len()],
+    pub(crate) need_another_keepalive: bool,
+    pub(crate) sent_lastminute_handshake: bool,
+
+    pub(crate) staged: VecDeque<PacketBuf>,
+    pub(crate) stats: PeerStats,
+}
+
+impl Peer {
+    pub(crate) fn new(keys: PeerKeys) -> Self {
+        Peer {
+            sealer: MacSealer::new(keys.public_key()),
+            keys,
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            persistent_keepalive: None,
+            pending: None,
+            handshake_attempts: 0,
+            last_initiation_sent: None,
+            last_initiation_consumed: None,
+            greatest_timestamp: None,
+            next: None,
+            current: None,
+            previous: None,
+            timers: [None; Timer::ALL.len()],
+            need_another_keepalive: false,
+            sent_lastminute_handshake: false,
+            staged: VecDeque::new(),
+            stats: PeerStats::default(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn timer(&self, t: Timer) -> Option<Instant> {
+        self.timers[t as usize]
+    }
+
+    #[inline]
+    pub(crate) fn set_timer(&mut self, t: Timer, at: Instant) {
+        self.timers[t as usize] = Some(at);
+    }
+
+    #[inline]
+    pub(crate) fn cancel_timer(&mut self, t: Timer) {
+        self.timers[t as usize] = None;
+    }
+
+    /// Which keypair has local index `index`.
+    #[inline]
+    pub(crate) fn slot_of(&self, index: u32) -> Option<Slot> {
+        let is = |kp: &Option<Keypair>| kp.as_ref().is_some_and(|k| k.local_index == index);
+        if is(&self.current) {
+            Some(Slot::Current)
+        } else if is(&self.previous) {
+            Some(Slot::Previous)
+        } else if is(&self.next) {
+            Some(Slot::Next)
+        } else {
+            None
+        }
+    }
+
+    #[inline]
+    pub(crate) fn keypair(&self, slot: Slot) -> Option<&Keypair> {
+        match slot {
+            Slot::Next => self.next.as_ref(),
+            Slot::Current => self.current.as_ref(),
+            Slot::Previous => self.previous.as_ref(),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn keypair_mut(&mut self, slot: Slot) -> Option<&mut Keypair> {
+        match slot {
+            Slot::Next => self.next.as_mut(),
+            Slot::Current => self.current.as_mut(),
+            Slot::Previous => self.previous.as_mut(),
+        }
+    }
+
+    /// The local indices this peer holds (keypairs and the pending handshake), for freeing.
+    pub(crate) fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        [&self.next, &self.current, &self.previous]
+            .into_iter()
+            .filter_map(|k| k.as_ref().map(|k| k.local_index))
+            .chain(self.pending.as_ref().map(|p| p.state.local_index()))
+    }
+}
