@@ -167,6 +167,16 @@ impl std::fmt::Debug for PacketBuf {
     }
 }
 
+/// A UDP datagram with its remote address: the destination of one to send, the source of one
+/// received. The buffer is pooled: hand it back to its pool once sent or consumed.
+#[derive(Debug)]
+pub struct Datagram {
+    /// Remote address.
+    pub addr: std::net::SocketAddr,
+    /// The datagram's bytes.
+    pub buf: PacketBuf,
+}
+
 /// A free list of [`PacketBuf`]s of one size.
 ///
 /// `get` pops a recycled buffer (allocating only when the list is empty) and `put` pushes one

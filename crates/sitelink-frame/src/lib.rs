@@ -21,7 +21,7 @@ mod buf;
 pub mod ip;
 pub mod wire;
 
-pub use buf::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, PacketBuf};
+pub use buf::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
 /// Errors from parsing or building packet memory and wire messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

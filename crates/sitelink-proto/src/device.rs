@@ -12,23 +12,13 @@ use sitelink_frame::wire::{
     self, COOKIE_REPLY_LEN, CookieReply, HandshakeInitiation, HandshakeResponse, INITIATION_LEN, MessageType,
     RESPONSE_LEN, TRANSPORT_HEADER_LEN, TransportData, mac_offsets,
 };
-use sitelink_frame::{BufPool, PacketBuf, ip};
+use sitelink_frame::{BufPool, Datagram, PacketBuf, ip};
 
 use crate::config::{DeviceConfig, IpNet, PeerConfig, Timing};
 use crate::peer::{Keypair, Peer, Pending, Slot, Timer};
 use crate::ratelimit::RateLimiter;
 use crate::routing::AllowedIps;
 use crate::stats::{DeviceStats, DropReason, PeerStats};
-
-/// A UDP datagram with its remote address: the destination of one we send, the source of one
-/// we received. The buffer is pooled; hand it back with [`Device::recycle`] once done.
-#[derive(Debug)]
-pub struct Datagram {
-    /// Remote address.
-    pub addr: SocketAddr,
-    /// The datagram's bytes.
-    pub buf: PacketBuf,
-}
 
 /// Names a peer of a [`Device`]. Stable until the peer is removed; then it may be reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -22,10 +22,10 @@ mod stats;
 pub mod sim;
 
 pub use config::{DeviceConfig, IpNet, IpNetError, PeerConfig, Timing};
-pub use device::{Datagram, Device, DeviceError, PeerId, PeerView};
+pub use device::{Device, DeviceError, PeerId, PeerView};
 pub use ratelimit::RateLimiter;
 pub use routing::AllowedIps;
 pub use stats::{DeviceStats, DropCounts, DropReason, PeerStats};
 
 pub use sitelink_crypto::{PresharedKey, PrivateKey, PublicKey, Random};
-pub use sitelink_frame::{BufPool, PacketBuf};
+pub use sitelink_frame::{BufPool, Datagram, PacketBuf};

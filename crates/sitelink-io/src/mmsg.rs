@@ -1,0 +1,320 @@
+//! The portable backend: `poll`, `recvmmsg`, `sendmmsg` with UDP GSO, and one `read`/`write`
+//! per TUN packet.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use sitelink_frame::{BufPool, DEFAULT_TAILROOM, Datagram, PacketBuf};
+
+use crate::sys::{self, MsgBatch, SendGroup};
+use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
+
+/// The most datagrams one GSO send carries, and the most bytes (a UDP datagram's limit, less
+/// headers).
+pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
+pub(crate) const GSO_MAX_BYTES: usize = 65_000;
+
+/// Groups `dgrams` for sending: runs of datagrams to one address, all of one size but the
+/// last (which may be shorter), become one GSO message when `gso` is on.
+pub(crate) fn group_for_gso(dgrams: &[Datagram], gso: bool, groups: &mut Vec<SendGroup>) {
+    groups.clear();
+    let mut i = 0;
+    while i < dgrams.len() {
+        let first = &dgrams[i];
+        let size = first.buf.len();
+        let mut end = i + 1;
+        if gso && size > 0 {
+            let mut total = size;
+            while end < dgrams.len() && end - i < GSO_MAX_SEGMENTS {
+                let d = &dgrams[end];
+                let len = d.buf.len();
+                if d.addr != first.addr || len > size || len == 0 || total + len > GSO_MAX_BYTES {
+                    break;
+                }
+                total += len;
+                end += 1;
+                if len < size {
+                    break; // a shorter datagram can only come last
+                }
+            }
+        }
+        let segment = if end - i > 1 { size as u16 } else { 0 };
+        groups.push(SendGroup { start: i, end, segment });
+        i = end;
+    }
+}
+
+/// `recvmmsg`/`sendmmsg` and `poll`.
+pub struct MmsgIo {
+    packets: PacketFd,
+    udp: UdpSocket,
+    batch: usize,
+    msgs: MsgBatch,
+    rx_bufs: Vec<PacketBuf>,
+    rx_addrs: Vec<Option<SocketAddr>>,
+    rx_truncated: Vec<bool>,
+    groups: Vec<SendGroup>,
+    gso: bool,
+    more_udp: bool,
+    more_packets: bool,
+    waker: Waker,
+    stats: IoStats,
+}
+
+impl std::fmt::Debug for MmsgIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmsgIo")
+            .field("port", &self.udp.port())
+            .field("gso", &self.gso)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MmsgIo {
+    /// A backend over `packets` and `udp` moving up to `batch` items per call.
+    pub fn new(packets: PacketFd, udp: UdpSocket, batch: usize) -> io::Result<MmsgIo> {
+        sys::set_nonblocking(packets.as_fd(), true)?;
+        let gso = udp.supports_gso();
+        Ok(MmsgIo {
+            packets,
+            udp,
+            batch,
+            msgs: MsgBatch::new(batch),
+            rx_bufs: Vec::with_capacity(batch),
+            rx_addrs: vec![None; batch],
+            rx_truncated: vec![false; batch],
+            groups: Vec::with_capacity(batch),
+            gso,
+            more_udp: true,
+            more_packets: true,
+            waker: Waker::new()?,
+            stats: IoStats::default(),
+        })
+    }
+
+    /// Whether sends use UDP GSO.
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+}
+
+/// Reads packets from a packet descriptor into pooled buffers, keeping each buffer's tailroom
+/// free for padding and tag. Returns whether the batch filled (more may be waiting).
+pub(crate) fn read_packet_batch(
+    fd: &PacketFd,
+    batch: usize,
+    pool: &mut BufPool,
+    out: &mut Vec<PacketBuf>,
+    stats: &mut IoStats,
+) -> io::Result<bool> {
+    for _ in 0..batch {
+        let mut buf = pool.get();
+        let spare = buf.spare_mut();
+        let room = spare.len().saturating_sub(DEFAULT_TAILROOM);
+        match sys::read(fd.as_fd(), &mut spare[..room]) {
+            Ok(0) => {
+                pool.put(buf);
+                return Ok(false);
+            }
+            Ok(n) => {
+                buf.set_len(n).expect("read within the spare room");
+                stats.tun_rx += 1;
+                out.push(buf);
+            }
+            Err(e) => {
+                pool.put(buf);
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+                    return Ok(false);
+                }
+                stats.tun_read_errors += 1;
+                return Err(e);
+            }
+        }
+    }
+    Ok(true)
+}
+
+impl PacketIo for MmsgIo {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Mmsg
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if self.more_udp || self.more_packets {
+            return Ok(());
+        }
+        let mut ready = [false; 3];
+        sys::poll(&[self.udp.as_fd(), self.packets.as_fd(), self.waker.0.as_fd()], &mut ready, timeout)?;
+        self.more_udp = ready[0];
+        self.more_packets = ready[1];
+        if ready[2] {
+            self.waker.drain();
+        }
+        Ok(())
+    }
+
+    fn recv_datagrams(&mut self, pool: &mut BufPool, out: &mut Vec<Datagram>) -> io::Result<()> {
+        if !self.more_udp {
+            return Ok(());
+        }
+        while self.rx_bufs.len() < self.batch {
+            self.rx_bufs.push(pool.get());
+        }
+        let got = match self.msgs.recv(
+            self.udp.as_fd(),
+            &mut self.rx_bufs,
+            &mut self.rx_addrs,
+            &mut self.rx_truncated,
+        ) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                self.more_udp = false;
+                return Ok(());
+            }
+            Err(e) => {
+                // Pending ICMP errors (port unreachable from an old send) surface here; they
+                // are counted and the socket stays usable.
+                self.stats.udp_recv_errors += 1;
+                self.more_udp = true;
+                return if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) };
+            }
+        };
+        self.more_udp = got == self.batch;
+        for i in 0..got {
+            let buf = std::mem::replace(&mut self.rx_bufs[i], pool.get());
+            match (self.rx_addrs[i], self.rx_truncated[i]) {
+                (Some(addr), false) => {
+                    self.stats.udp_rx += 1;
+                    out.push(Datagram { addr, buf });
+                }
+                _ => {
+                    self.stats.udp_truncated += 1;
+                    pool.put(buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_packets(&mut self, pool: &mut BufPool, out: &mut Vec<PacketBuf>) -> io::Result<()> {
+        if !self.more_packets {
+            return Ok(());
+        }
+        let result = read_packet_batch(&self.packets, self.batch, pool, out, &mut self.stats);
+        self.more_packets = matches!(result, Ok(true));
+        result.map(|_| ())
+    }
+
+    fn send_datagrams(&mut self, dgrams: &mut Vec<Datagram>, pool: &mut BufPool) -> io::Result<()> {
+        while !dgrams.is_empty() {
+            let take = dgrams.len().min(self.batch);
+            let chunk = &dgrams[..take];
+            group_for_gso(chunk, self.gso, &mut self.groups);
+            let mut g = 0;
+            while g < self.groups.len() {
+                self.stats.send_calls += 1;
+                match self.msgs.send(self.udp.as_fd(), self.udp.is_ipv6(), chunk, &self.groups[g..]) {
+                    Ok(n) => {
+                        for grp in &self.groups[g..g + n] {
+                            self.stats.udp_tx += (grp.end - grp.start) as u64;
+                        }
+                        g += n.max(1);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) && self.groups[g].segment != 0 => {
+                        // The device cannot segment: send without GSO from here on.
+                        tracing::warn!("UDP GSO refused by the kernel (EIO); sending datagrams one by one");
+                        self.gso = false;
+                        let base = self.groups[g].start;
+                        group_for_gso(&chunk[base..], false, &mut self.groups);
+                        for grp in &mut self.groups {
+                            grp.start += base;
+                            grp.end += base;
+                        }
+                        g = 0;
+                    }
+                    Err(_) => {
+                        // This message failed (unreachable, no route, a pending ICMP error):
+                        // count its datagrams and go on with the rest.
+                        let grp = self.groups[g];
+                        self.stats.udp_send_errors += (grp.end - grp.start) as u64;
+                        g += 1;
+                    }
+                }
+            }
+            for d in dgrams.drain(..take) {
+                pool.put(d.buf);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
+        for buf in packets.drain(..) {
+            match sys::write(self.packets.as_fd(), buf.data()) {
+                Ok(_) => self.stats.tun_tx += 1,
+                Err(_) => self.stats.tun_write_errors += 1,
+            }
+            pool.put(buf);
+        }
+        Ok(())
+    }
+
+    fn replace_socket(&mut self, udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
+        self.gso = udp.supports_gso();
+        self.udp = udp;
+        self.more_udp = true;
+        Ok(())
+    }
+
+    fn port(&self) -> u16 {
+        self.udp.port()
+    }
+
+    fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
+        self.udp.set_fwmark(mark)
+    }
+
+    fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(port: u16, len: usize) -> Datagram {
+        Datagram { addr: SocketAddr::from(([127, 0, 0, 1], port)), buf: PacketBuf::from_slice(&vec![0; len]) }
+    }
+
+    #[test]
+    fn groups_runs_of_equal_datagrams_to_one_address() {
+        let ds = vec![d(1, 100), d(1, 100), d(1, 60), d(1, 100), d(2, 100), d(2, 100), d(1, 0)];
+        let mut g = Vec::new();
+        group_for_gso(&ds, true, &mut g);
+        let got: Vec<_> = g.iter().map(|g| (g.start, g.end, g.segment)).collect();
+        assert_eq!(got, vec![(0, 3, 100), (3, 4, 0), (4, 6, 100), (6, 7, 0)]);
+        group_for_gso(&ds, false, &mut g);
+        assert_eq!(g.len(), ds.len());
+        assert!(g.iter().all(|g| g.segment == 0 && g.end == g.start + 1));
+    }
+
+    #[test]
+    fn groups_respect_segment_and_byte_limits() {
+        let ds: Vec<_> = (0..100).map(|_| d(1, 1452)).collect();
+        let mut g = Vec::new();
+        group_for_gso(&ds, true, &mut g);
+        assert!(g.iter().all(|g| (g.end - g.start) * 1452 <= GSO_MAX_BYTES));
+        assert_eq!(g.iter().map(|g| g.end - g.start).sum::<usize>(), 100);
+        let small: Vec<_> = (0..100).map(|_| d(1, 100)).collect();
+        group_for_gso(&small, true, &mut g);
+        assert_eq!(g[0].end - g[0].start, GSO_MAX_SEGMENTS);
+    }
+}

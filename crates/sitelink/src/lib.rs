@@ -1,0 +1,412 @@
+//! sitelink: an encrypted site-to-site link that speaks WireGuard, to embed in your program.
+//!
+//! A [`Link`] runs the sans-IO engine ([`sitelink_proto::Device`]) on a worker thread over
+//! batched kernel I/O ([`sitelink_io`]): IP packets from a TUN device, or handed in by the
+//! application itself in the embedded mode, become WireGuard datagrams on a UDP socket, and
+//! back.
+//!
+//! ```no_run
+//! use sitelink::{LinkBuilder, PeerConfig, PrivateKey, PublicKey};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let key = PrivateKey::from_base64("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=")?;
+//! let mut peer = PeerConfig::new(PublicKey::from_base64("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=")?);
+//! peer.endpoint = Some("192.0.2.1:51820".parse()?);
+//! peer.allowed_ips = vec!["10.0.0.2/32".parse()?];
+//! let (link, packets) = LinkBuilder::new(key).listen_port(51820).peer(peer).start_embedded()?;
+//! packets.send(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])?;
+//! println!("{:?}", link.stats());
+//! link.shutdown();
+//! # Ok(()) }
+//! ```
+//!
+//! Configuration can change while traffic flows ([`Link::set_peer`], [`Link::remove_peer`],
+//! [`Link::set_listen_port`], ...); [`uapi`] serves the same changes to the stock `wg` tool,
+//! and [`conf`] reads wg-quick style files.
+
+pub mod conf;
+mod rand;
+pub mod uapi;
+mod worker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use rand::OsRandom;
+pub use sitelink_io::{BackendKind, IoStats, PacketPipe, Tun};
+pub use sitelink_proto::{
+    DeviceConfig, DeviceStats, DropReason, IpNet, PeerConfig, PeerStats, PresharedKey, PrivateKey, PublicKey,
+    Timing,
+};
+
+use sitelink_io::{UdpConfig, UdpSocket, Waker};
+use sitelink_proto::Device;
+
+/// Errors of starting or reconfiguring a link.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// A system call failed (binding the port, opening the TUN device, ...).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// A peer cannot have the link's own public key.
+    #[error("a peer cannot have the link's own public key")]
+    OwnPublicKey,
+    /// No peer has this public key.
+    #[error("no such peer")]
+    NoSuchPeer,
+}
+
+impl LinkError {
+    fn io(what: &'static str) -> impl FnOnce(io::Error) -> LinkError {
+        move |source| LinkError::Io { what, source }
+    }
+}
+
+/// Builds a [`Link`].
+#[derive(Debug, Clone)]
+pub struct LinkBuilder {
+    keyed: bool,
+    device: DeviceConfig,
+    peers: Vec<PeerConfig>,
+    udp: UdpConfig,
+    backend: BackendKind,
+    batch: usize,
+}
+
+impl LinkBuilder {
+    /// A link with this private key, the protocol's defaults, a random port and the io_uring
+    /// backend (falling back to `mmsg` where io_uring is unavailable).
+    pub fn new(private_key: PrivateKey) -> Self {
+        LinkBuilder {
+            keyed: true,
+            device: DeviceConfig::new(private_key),
+            peers: Vec::new(),
+            udp: UdpConfig::default(),
+            backend: BackendKind::Uring,
+            batch: sitelink_io::DEFAULT_BATCH,
+        }
+    }
+
+    /// A link whose private key is not configured yet (as `sitelinkd` starts, before `wg`
+    /// sets one): it holds a random key, which `get` does not report, so that it answers no
+    /// one until [`Link::set_private_key`].
+    pub fn unkeyed() -> Self {
+        let mut b = LinkBuilder::new(PrivateKey::generate(&mut OsRandom));
+        b.keyed = false;
+        b
+    }
+
+    /// The UDP port to listen on (0, the default, picks a free one).
+    pub fn listen_port(mut self, port: u16) -> Self {
+        self.udp.port = port;
+        self
+    }
+
+    /// Listens on loopback only (tests, demos).
+    pub fn loopback_only(mut self, on: bool) -> Self {
+        self.udp.loopback_only = on;
+        self
+    }
+
+    /// `SO_MARK` for the link's datagrams.
+    pub fn fwmark(mut self, mark: u32) -> Self {
+        self.udp.fwmark = mark;
+        self
+    }
+
+    /// Adds a peer.
+    pub fn peer(mut self, peer: PeerConfig) -> Self {
+        self.peers.push(peer);
+        self
+    }
+
+    /// The tunnel MTU (default 1420): packets are padded up to a multiple of 16, never past it.
+    pub fn mtu(mut self, mtu: usize) -> Self {
+        self.device.mtu = mtu.clamp(576, 65_535 - 80);
+        self
+    }
+
+    /// The protocol timers (tests and fault drills shorten them).
+    pub fn timing(mut self, timing: Timing) -> Self {
+        self.device.timing = timing;
+        self
+    }
+
+    /// The I/O backend.
+    pub fn backend(mut self, kind: BackendKind) -> Self {
+        self.backend = kind;
+        self
+    }
+
+    /// Datagrams or packets per I/O batch (default 64).
+    pub fn batch(mut self, n: usize) -> Self {
+        self.batch = n.clamp(1, 1024);
+        self
+    }
+
+    /// Gives access to the engine's configuration (load thresholds, staging queue).
+    pub fn device_config(mut self, f: impl FnOnce(&mut DeviceConfig)) -> Self {
+        f(&mut self.device);
+        self
+    }
+
+    /// Starts the link over a TUN device.
+    pub fn start_tun(self, tun: Tun) -> Result<Link, LinkError> {
+        let name = tun.name().to_owned();
+        self.start(tun.into_packet_fd(), Some(name))
+    }
+
+    /// Starts the link in the embedded mode: the application sends and receives the inner IP
+    /// packets itself through the returned [`PacketPipe`]; no TUN device, no root.
+    pub fn start_embedded(self) -> Result<(Link, PacketPipe), LinkError> {
+        let (pipe, fd) = PacketPipe::pair().map_err(LinkError::io("creating the packet pipe"))?;
+        Ok((self.start(fd, None)?, pipe))
+    }
+
+    fn start(self, packets: sitelink_io::PacketFd, ifname: Option<String>) -> Result<Link, LinkError> {
+        let udp = UdpSocket::bind(self.udp).map_err(LinkError::io("binding the UDP port"))?;
+        let port = udp.port();
+        let (io, fallback) = sitelink_io::open_backend(self.backend, packets, udp, self.batch)
+            .map_err(LinkError::io("opening the I/O backend"))?;
+        if let Some(why) = &fallback {
+            tracing::warn!("{why}");
+        }
+        let backend = io.kind();
+        let now = Instant::now();
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let mut device = Device::new(self.device, Box::new(OsRandom), now, unix);
+        for peer in self.peers {
+            device.upsert_peer(now, peer).map_err(|_| LinkError::OwnPublicKey)?;
+        }
+        let shared = Arc::new(Shared {
+            device: Mutex::new(device),
+            pending_socket: Mutex::new(None),
+            io_stats: Mutex::new(IoStats::default()),
+            stop: AtomicBool::new(false),
+            keyed: AtomicBool::new(self.keyed),
+            port: AtomicU16::new(port),
+            fwmark: AtomicU32::new(self.udp.fwmark),
+            udp: Mutex::new(self.udp),
+        });
+        let waker = io.waker();
+        let worker_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("sitelink-worker".into())
+            .spawn(move || worker::run(worker_shared, io))
+            .map_err(LinkError::io("spawning the worker thread"))?;
+        Ok(Link { shared, waker, thread: Mutex::new(Some(thread)), backend, ifname })
+    }
+}
+
+/// State shared by the worker and the control side.
+pub(crate) struct Shared {
+    pub(crate) device: Mutex<Device>,
+    pub(crate) pending_socket: Mutex<Option<UdpSocket>>,
+    pub(crate) io_stats: Mutex<IoStats>,
+    pub(crate) stop: AtomicBool,
+    pub(crate) keyed: AtomicBool,
+    pub(crate) port: AtomicU16,
+    pub(crate) fwmark: AtomicU32,
+    udp: Mutex<UdpConfig>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A running link. Dropping it stops the worker.
+pub struct Link {
+    shared: Arc<Shared>,
+    waker: Waker,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    backend: BackendKind,
+    ifname: Option<String>,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("public_key", &self.public_key())
+            .field("port", &self.port())
+            .field("backend", &self.backend)
+            .field("interface", &self.ifname)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of one peer.
+#[derive(Debug, Clone)]
+pub struct PeerSnapshot {
+    /// The peer's public key.
+    pub public_key: PublicKey,
+    /// Its preshared key, if one is set.
+    pub preshared_key: Option<PresharedKey>,
+    /// Its current endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Its allowed IPs.
+    pub allowed_ips: Vec<IpNet>,
+    /// Its persistent keepalive interval.
+    pub persistent_keepalive: Option<Duration>,
+    /// Its counters.
+    pub stats: PeerStats,
+}
+
+/// A snapshot of a link's counters.
+#[derive(Debug, Clone)]
+pub struct LinkStats {
+    /// The engine's counters: drops by reason, handshakes, cookies.
+    pub device: DeviceStats,
+    /// The I/O backend's counters.
+    pub io: IoStats,
+    /// Every peer.
+    pub peers: Vec<PeerSnapshot>,
+}
+
+impl LinkStats {
+    /// Drops counted for `reason` by the engine.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.device.drops.get(reason)
+    }
+}
+
+impl Link {
+    /// The link's public key.
+    pub fn public_key(&self) -> PublicKey {
+        *lock(&self.shared.device).public_key()
+    }
+
+    /// The UDP port the link listens on.
+    pub fn port(&self) -> u16 {
+        self.shared.port.load(Ordering::Relaxed)
+    }
+
+    /// The backend in use (after any fallback).
+    pub fn backend(&self) -> BackendKind {
+        self.backend
+    }
+
+    /// The TUN interface's name, if the link runs over one.
+    pub fn interface(&self) -> Option<&str> {
+        self.ifname.as_deref()
+    }
+
+    /// The `SO_MARK` set on the link's socket (0 for none).
+    pub fn fwmark(&self) -> u32 {
+        self.shared.fwmark.load(Ordering::Relaxed)
+    }
+
+    /// Counters of the engine, the I/O and every peer.
+    pub fn stats(&self) -> LinkStats {
+        let io = lock(&self.shared.io_stats).clone();
+        let dev = lock(&self.shared.device);
+        LinkStats { device: dev.stats().clone(), io, peers: snapshot_peers(&dev) }
+    }
+
+    /// Runs `f` on the engine with the worker paused, then wakes the worker (its timers may
+    /// have moved). The escape hatch for anything the methods here do not cover.
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut Device, Instant) -> R) -> R {
+        let r = {
+            let mut dev = lock(&self.shared.device);
+            f(&mut dev, Instant::now())
+        };
+        self.waker.wake();
+        r
+    }
+
+    /// Adds a peer or replaces the configuration of the peer with the same public key;
+    /// sessions in progress survive.
+    pub fn set_peer(&self, peer: PeerConfig) -> Result<(), LinkError> {
+        self.with_device(|dev, now| {
+            dev.upsert_peer(now, peer).map(|_| ()).map_err(|_| LinkError::OwnPublicKey)
+        })
+    }
+
+    /// Removes a peer.
+    pub fn remove_peer(&self, key: &PublicKey) -> Result<(), LinkError> {
+        self.with_device(|dev, _| {
+            let pid = dev.peer_by_key(key).ok_or(LinkError::NoSuchPeer)?;
+            dev.remove_peer(pid).map_err(|_| LinkError::NoSuchPeer)
+        })
+    }
+
+    /// Replaces the private key (every peer handshakes again).
+    pub fn set_private_key(&self, key: PrivateKey) {
+        self.with_device(|dev, _| dev.set_private_key(key));
+        self.shared.keyed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a private key has been configured (see [`LinkBuilder::unkeyed`]).
+    pub fn has_private_key(&self) -> bool {
+        self.shared.keyed.load(Ordering::Relaxed)
+    }
+
+    /// Moves the link to another UDP port (0 for any free one). Traffic resumes on the new port
+    /// as soon as the worker picks the socket up.
+    pub fn set_listen_port(&self, port: u16) -> Result<u16, LinkError> {
+        if port != 0 && port == self.port() {
+            return Ok(port);
+        }
+        let config = {
+            let mut udp = lock(&self.shared.udp);
+            udp.port = port;
+            *udp
+        };
+        let socket = UdpSocket::bind(config).map_err(LinkError::io("binding the UDP port"))?;
+        let bound = socket.port();
+        *lock(&self.shared.pending_socket) = Some(socket);
+        self.shared.port.store(bound, Ordering::Relaxed);
+        self.waker.wake();
+        Ok(bound)
+    }
+
+    /// Sets `SO_MARK` on the link's socket (0 clears it).
+    pub fn set_fwmark(&self, mark: u32) {
+        lock(&self.shared.udp).fwmark = mark;
+        self.shared.fwmark.store(mark, Ordering::Relaxed);
+        self.waker.wake();
+    }
+
+    /// Stops the worker and waits for it. Idempotent.
+    pub fn shutdown(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.waker.wake();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Whether the worker has stopped (after [`shutdown`](Self::shutdown), or a fatal error).
+    pub fn is_stopped(&self) -> bool {
+        lock(&self.thread).as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+pub(crate) fn snapshot_peers(dev: &Device) -> Vec<PeerSnapshot> {
+    dev.peer_ids()
+        .filter_map(|pid| dev.peer(pid))
+        .map(|p| PeerSnapshot {
+            public_key: *p.public_key(),
+            preshared_key: (!p.preshared_key().is_none()).then(|| p.preshared_key().clone()),
+            endpoint: p.endpoint(),
+            allowed_ips: p.allowed_ips().to_vec(),
+            persistent_keepalive: p.persistent_keepalive(),
+            stats: p.stats().clone(),
+        })
+        .collect()
+}

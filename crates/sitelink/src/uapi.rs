@@ -1,0 +1,484 @@
+//! The WireGuard userspace control interface (UAPI) that `wg` and `wg-quick` speak over
+//! `/var/run/wireguard/IFNAME.sock`.
+//!
+//! [`parse_set`] turns a `set=1` request into a [`SetRequest`] without touching the link, so
+//! that malformed input is rejected before anything changes (and so the parser can be fuzzed);
+//! [`apply_set`] applies it; [`format_get`] answers `get=1`. [`serve`] runs the socket.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{IpNet, Link, PeerConfig, PresharedKey, PrivateKey, PublicKey, lock, snapshot_peers};
+
+/// The most bytes one request may carry; longer requests are refused (bounded memory).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+/// A UAPI failure, answered as `errno=N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UapiError {
+    /// A line was not `key=value`, named an unknown key, or had a bad value (EINVAL).
+    #[error("line {line}: {message}")]
+    Invalid {
+        /// 1-based line number.
+        line: usize,
+        /// What was wrong.
+        message: String,
+    },
+    /// The request was neither `get=1` nor `set=1`, or ended early (EPROTO).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The listen port is taken (EADDRINUSE).
+    #[error("listen port in use")]
+    PortInUse,
+    /// Applying the request failed in the link (EIO).
+    #[error("{0}")]
+    Apply(String),
+}
+
+impl UapiError {
+    /// The positive errno value sent back.
+    pub fn errno(&self) -> i32 {
+        match self {
+            UapiError::Invalid { .. } => libc_errno::EINVAL,
+            UapiError::Protocol(_) => libc_errno::EPROTO,
+            UapiError::PortInUse => libc_errno::EADDRINUSE,
+            UapiError::Apply(_) => libc_errno::EIO,
+        }
+    }
+}
+
+/// The errno values the UAPI answers with (Linux numbering, as `wg` expects).
+mod libc_errno {
+    pub(super) const EIO: i32 = 5;
+    pub(super) const EINVAL: i32 = 22;
+    pub(super) const EPROTO: i32 = 71;
+    pub(super) const EADDRINUSE: i32 = 98;
+}
+
+/// Changes to one peer, in the order `wg` sends them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerChange {
+    /// Which peer.
+    pub public_key: PublicKey,
+    /// Remove it.
+    pub remove: bool,
+    /// Change it only if it exists.
+    pub update_only: bool,
+    /// New preshared key (all zeros clears it).
+    pub preshared_key: Option<PresharedKey>,
+    /// New endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// New persistent keepalive interval in seconds (0 turns it off).
+    pub persistent_keepalive: Option<u16>,
+    /// Replace the allowed IPs with `allowed_ips` rather than adding to them.
+    pub replace_allowed_ips: bool,
+    /// Allowed IPs to add.
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// A parsed `set=1` request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetRequest {
+    /// New private key.
+    pub private_key: Option<PrivateKey>,
+    /// New listen port.
+    pub listen_port: Option<u16>,
+    /// New fwmark (0 clears it).
+    pub fwmark: Option<u32>,
+    /// Remove every peer first.
+    pub replace_peers: bool,
+    /// Peer changes, in order.
+    pub peers: Vec<PeerChange>,
+}
+
+fn invalid(line: usize, message: impl Into<String>) -> UapiError {
+    UapiError::Invalid { line, message: message.into() }
+}
+
+/// Reads an endpoint as `ip:port` or `[ipv6]:port` (names are resolved, as wg-quick files may
+/// hold them; `wg` itself resolves before sending).
+pub fn parse_endpoint(s: &str) -> Option<SocketAddr> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Some(a);
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    if host.is_empty() || host.contains(['[', ']', ' ']) {
+        return None;
+    }
+    (host, port).to_socket_addrs().ok()?.next()
+}
+
+/// Parses the body of a `set=1` request (the lines after `set=1`, up to the empty line).
+pub fn parse_set(body: &str) -> Result<SetRequest, UapiError> {
+    let mut req = SetRequest::default();
+    for (i, raw) in body.lines().enumerate() {
+        let line = i + 1;
+        if raw.is_empty() {
+            break;
+        }
+        let (key, value) = raw.split_once('=').ok_or_else(|| invalid(line, "expected key=value"))?;
+        let flag = |v: &str| match v {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(invalid(line, format!("{key} must be true or false"))),
+        };
+        let device_level = req.peers.is_empty();
+        match key {
+            "private_key" if device_level => {
+                req.private_key = Some(
+                    PrivateKey::from_hex(value).map_err(|e| invalid(line, format!("private_key: {e}")))?,
+                );
+            }
+            "listen_port" if device_level => {
+                req.listen_port = Some(value.parse().map_err(|_| invalid(line, "listen_port: not a port"))?);
+            }
+            "fwmark" if device_level => {
+                req.fwmark = Some(value.parse().map_err(|_| invalid(line, "fwmark: not a number"))?);
+            }
+            "replace_peers" if device_level => req.replace_peers = flag(value)?,
+            "public_key" => {
+                let public_key =
+                    PublicKey::from_hex(value).map_err(|e| invalid(line, format!("public_key: {e}")))?;
+                req.peers.push(PeerChange {
+                    public_key,
+                    remove: false,
+                    update_only: false,
+                    preshared_key: None,
+                    endpoint: None,
+                    persistent_keepalive: None,
+                    replace_allowed_ips: false,
+                    allowed_ips: Vec::new(),
+                });
+            }
+            _ => {
+                let unexpected = || invalid(line, format!("unexpected key {key:?} here"));
+                let p = req.peers.last_mut().ok_or_else(unexpected)?;
+                parse_peer_line(p, key, value, line, flag)?;
+            }
+        }
+    }
+    Ok(req)
+}
+
+fn parse_peer_line(
+    p: &mut PeerChange,
+    key: &str,
+    value: &str,
+    line: usize,
+    flag: impl Fn(&str) -> Result<bool, UapiError>,
+) -> Result<(), UapiError> {
+    match key {
+        "remove" => p.remove = flag(value)?,
+        "update_only" => p.update_only = flag(value)?,
+        "preshared_key" => {
+            p.preshared_key = Some(
+                PresharedKey::from_hex(value).map_err(|e| invalid(line, format!("preshared_key: {e}")))?,
+            );
+        }
+        "endpoint" => {
+            p.endpoint = Some(parse_endpoint(value).ok_or_else(|| invalid(line, "endpoint: not ip:port"))?);
+        }
+        "persistent_keepalive_interval" => {
+            p.persistent_keepalive =
+                Some(value.parse().map_err(|_| invalid(line, "persistent_keepalive_interval: 0-65535"))?);
+        }
+        "replace_allowed_ips" => {
+            p.replace_allowed_ips = flag(value)?;
+            if p.replace_allowed_ips {
+                p.allowed_ips.clear();
+            }
+        }
+        "allowed_ip" => {
+            let net: IpNet = value.parse().map_err(|e| invalid(line, format!("allowed_ip: {e}")))?;
+            p.allowed_ips.push(net);
+        }
+        "protocol_version" => {
+            if value != "1" {
+                return Err(invalid(line, "protocol_version: only 1 is known"));
+            }
+        }
+        _ => return Err(invalid(line, format!("unexpected key {key:?} here"))),
+    }
+    Ok(())
+}
+
+/// Applies a parsed request to `link`, in order.
+pub fn apply_set(link: &Link, req: SetRequest) -> Result<(), UapiError> {
+    if let Some(port) = req.listen_port {
+        link.set_listen_port(port).map_err(|e| match e {
+            crate::LinkError::Io { source, .. } if source.kind() == io::ErrorKind::AddrInUse => {
+                UapiError::PortInUse
+            }
+            other => UapiError::Apply(other.to_string()),
+        })?;
+    }
+    if let Some(mark) = req.fwmark {
+        link.set_fwmark(mark);
+    }
+    if let Some(key) = req.private_key {
+        link.set_private_key(key);
+    }
+    link.with_device(|dev, now| {
+        if req.replace_peers {
+            dev.clear_peers();
+        }
+        for change in req.peers {
+            let existing = dev.peer_by_key(&change.public_key);
+            if change.remove {
+                if let Some(pid) = existing {
+                    let _ = dev.remove_peer(pid);
+                }
+                continue;
+            }
+            let pid = match existing {
+                Some(pid) => pid,
+                None if change.update_only => continue,
+                None => {
+                    // Our own public key as a peer is ignored, as wireguard-go does.
+                    let Ok(pid) = dev.upsert_peer(now, PeerConfig::new(change.public_key)) else { continue };
+                    pid
+                }
+            };
+            let applied = (|| {
+                if let Some(psk) = change.preshared_key {
+                    dev.set_preshared_key(pid, psk)?;
+                }
+                if let Some(ep) = change.endpoint {
+                    dev.set_endpoint(pid, ep)?;
+                }
+                if let Some(secs) = change.persistent_keepalive {
+                    dev.set_persistent_keepalive(now, pid, Some(Duration::from_secs(secs.into())))?;
+                }
+                if change.replace_allowed_ips {
+                    dev.set_allowed_ips(pid, &change.allowed_ips)?;
+                } else {
+                    for net in &change.allowed_ips {
+                        dev.add_allowed_ip(pid, *net)?;
+                    }
+                }
+                Ok::<(), sitelink_proto::DeviceError>(())
+            })();
+            applied.map_err(|e| UapiError::Apply(e.to_string()))?;
+        }
+        Ok(())
+    })
+}
+
+/// The reply to `get=1` (without the closing `errno=0` and empty line).
+pub fn format_get(link: &Link) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(1024);
+    let port = link.port();
+    let mark = link.fwmark();
+    let dev = lock(&link.shared.device);
+    if link.has_private_key() {
+        let _ = writeln!(s, "private_key={}", dev.config().private_key.to_hex());
+    }
+    let _ = writeln!(s, "listen_port={port}");
+    if mark != 0 {
+        let _ = writeln!(s, "fwmark={mark}");
+    }
+    for p in snapshot_peers(&dev) {
+        let _ = writeln!(s, "public_key={}", p.public_key.to_hex());
+        if let Some(psk) = &p.preshared_key {
+            let _ = writeln!(s, "preshared_key={}", psk.to_hex());
+        }
+        let _ = writeln!(s, "protocol_version=1");
+        if let Some(ep) = p.endpoint {
+            let _ = writeln!(s, "endpoint={ep}");
+        }
+        let hs = p.stats.last_handshake.unwrap_or_default();
+        let _ = writeln!(s, "last_handshake_time_sec={}", hs.as_secs());
+        let _ = writeln!(s, "last_handshake_time_nsec={}", hs.subsec_nanos());
+        let _ = writeln!(s, "tx_bytes={}", p.stats.tx_bytes);
+        let _ = writeln!(s, "rx_bytes={}", p.stats.rx_bytes);
+        let _ = writeln!(
+            s,
+            "persistent_keepalive_interval={}",
+            p.persistent_keepalive.map_or(0, |d| d.as_secs())
+        );
+        for net in &p.allowed_ips {
+            let _ = writeln!(s, "allowed_ip={net}");
+        }
+    }
+    s
+}
+
+/// Reads one request from `reader` and answers it on `writer`. Returns `Ok(false)` at the end
+/// of the stream. Malformed requests get an errno reply; nothing here panics on input.
+pub fn handle_one(link: &Link, reader: &mut impl BufRead, writer: &mut impl Write) -> io::Result<bool> {
+    let mut first = String::new();
+    if read_line_bounded(reader, &mut first)? == 0 {
+        return Ok(false);
+    }
+    match first.trim_end_matches('\n') {
+        "get=1" => {
+            // The request ends with an empty line.
+            let mut rest = String::new();
+            while read_line_bounded(reader, &mut rest)? > 0 && rest != "\n" {
+                rest.clear();
+            }
+            let mut reply = format_get(link);
+            reply.push_str("errno=0\n\n");
+            writer.write_all(reply.as_bytes())?;
+        }
+        "set=1" => {
+            let mut body = String::new();
+            let mut line = String::new();
+            let mut complete = false;
+            loop {
+                line.clear();
+                if read_line_bounded(reader, &mut line)? == 0 {
+                    break;
+                }
+                if line == "\n" {
+                    complete = true;
+                    break;
+                }
+                if body.len() + line.len() > MAX_REQUEST_BYTES {
+                    return reply_errno(writer, &UapiError::Protocol("request too long".into()))
+                        .map(|_| false);
+                }
+                body.push_str(&line);
+            }
+            let result = if complete {
+                parse_set(&body).and_then(|req| apply_set(link, req))
+            } else {
+                Err(UapiError::Protocol("request ended before its empty line".into()))
+            };
+            match result {
+                Ok(()) => writer.write_all(b"errno=0\n\n")?,
+                Err(e) => {
+                    tracing::info!(error = %e, "UAPI set refused");
+                    reply_errno(writer, &e)?;
+                }
+            }
+        }
+        other => {
+            let e = UapiError::Protocol(format!(
+                "unknown operation {:?}",
+                other.chars().take(32).collect::<String>()
+            ));
+            reply_errno(writer, &e)?;
+            return Ok(false);
+        }
+    }
+    writer.flush()?;
+    Ok(true)
+}
+
+fn reply_errno(writer: &mut impl Write, e: &UapiError) -> io::Result<()> {
+    writer.write_all(format!("errno={}\n\n", e.errno()).as_bytes())?;
+    writer.flush()
+}
+
+/// Reads a line of at most 64 KiB (longer lines are an error, not a memory sink).
+fn read_line_bounded<R: BufRead>(reader: &mut R, out: &mut String) -> io::Result<usize> {
+    let mut limited = io::Read::take(&mut *reader, 64 * 1024);
+    let n = limited.read_line(out)?;
+    if n > 0 && !out.ends_with('\n') && n == 64 * 1024 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "UAPI line too long"));
+    }
+    Ok(n)
+}
+
+/// The socket path `wg` looks for: `/var/run/wireguard/IFNAME.sock`.
+pub fn socket_path(ifname: &str) -> PathBuf {
+    Path::new("/var/run/wireguard").join(format!("{ifname}.sock"))
+}
+
+/// Creates the UAPI socket at `path` (its directory too, mode 0700 semantics left to umask),
+/// replacing a stale one.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves UAPI connections from `listener` until `link` stops, one thread per connection.
+pub fn serve(link: Arc<Link>, listener: UnixListener) -> io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("sitelink-uapi".into()).spawn(move || {
+        for conn in listener.incoming() {
+            if link.is_stopped() {
+                break;
+            }
+            match conn {
+                Ok(stream) => {
+                    let link = Arc::clone(&link);
+                    let _ = std::thread::Builder::new()
+                        .name("sitelink-uapi-conn".into())
+                        .spawn(move || serve_connection(&link, stream));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "UAPI accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    })
+}
+
+fn serve_connection(link: &Link, stream: UnixStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(write_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    let mut writer = io::BufWriter::new(write_half);
+    while let Ok(true) = handle_one(link, &mut reader, &mut writer) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const K1: &str = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a";
+
+    #[test]
+    fn parses_a_full_set() {
+        let body = format!(
+            "private_key={K1}\nlisten_port=51820\nfwmark=7\nreplace_peers=true\npublic_key={K1}\n\
+             preshared_key={K1}\nendpoint=[::1]:51820\npersistent_keepalive_interval=25\n\
+             replace_allowed_ips=true\nallowed_ip=10.0.0.0/24\nallowed_ip=fd00::/64\nprotocol_version=1\n\n"
+        );
+        let req = parse_set(&body).unwrap();
+        assert_eq!(req.listen_port, Some(51820));
+        assert_eq!(req.fwmark, Some(7));
+        assert!(req.replace_peers && req.private_key.is_some());
+        let p = &req.peers[0];
+        assert_eq!(p.endpoint, Some("[::1]:51820".parse().unwrap()));
+        assert_eq!(p.persistent_keepalive, Some(25));
+        assert!(p.replace_allowed_ips);
+        assert_eq!(p.allowed_ips.len(), 2);
+    }
+
+    #[test]
+    fn rejects_bad_lines_with_their_number() {
+        for (body, line) in [
+            ("listen_port=x\n", 1),
+            (&format!("public_key={K1}\nendpoint=nonsense\n") as &str, 2),
+            ("endpoint=1.2.3.4:5\n", 1),
+            ("nokey\n", 1),
+            (&format!("public_key={K1}\nallowed_ip=10.0.0.0/99\n"), 2),
+            (&format!("public_key={K1}\nprotocol_version=2\n"), 2),
+            ("private_key=abcd\n", 1),
+            (&format!("public_key={K1}\nlisten_port=1\n"), 2),
+        ] {
+            match parse_set(body) {
+                Err(UapiError::Invalid { line: l, .. }) => assert_eq!(l, line, "{body:?}"),
+                other => panic!("{body:?}: {other:?}"),
+            }
+        }
+        assert_eq!(parse_set("x\n").unwrap_err().errno(), 22);
+    }
+}

@@ -1,0 +1,171 @@
+//! sitelinkd: a userspace WireGuard built on sitelink, for `wg` and `wg-quick`.
+//!
+//! `sitelinkd [-f|--foreground] [--backend uring|mmsg] IFNAME` follows wireguard-go's contract:
+//! it creates the TUN interface IFNAME (or takes the descriptor in `WG_TUN_FD`), serves the
+//! UAPI on /var/run/wireguard/IFNAME.sock (or on the listening descriptor in `WG_UAPI_FD`),
+//! daemonizes unless `-f` is given (or `WG_PROCESS_FOREGROUND=1`), and exits cleanly on
+//! SIGTERM or SIGINT, or when the interface is deleted, removing its socket. It works as
+//! `WG_QUICK_USERSPACE_IMPLEMENTATION` for wg-quick. `LOG_LEVEL` (error, warn, info, debug)
+//! sets the log level; logs go to standard error.
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use sitelink::{BackendKind, LinkBuilder, Tun, uapi};
+
+/// A userspace WireGuard built on sitelink.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Stay in the foreground.
+    #[arg(short, long)]
+    foreground: bool,
+    /// I/O backend: uring (falls back to mmsg where io_uring is unavailable) or mmsg.
+    #[arg(long, default_value = "uring", env = "SITELINK_BACKEND")]
+    backend: BackendKind,
+    /// Tunnel MTU set on a newly created interface.
+    #[arg(long, default_value_t = 1420)]
+    mtu: u32,
+    /// Interface name.
+    ifname: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let level = std::env::var("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!("sitelink={level},sitelinkd={level}")))
+        .with_writer(std::io::stderr)
+        .init();
+    let foreground = args.foreground || std::env::var("WG_PROCESS_FOREGROUND").is_ok_and(|v| v == "1");
+    if !foreground {
+        return daemonize(&args);
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts a detached copy of this program in the foreground mode, waits until it serves the
+/// UAPI socket (or dies), and exits: wg-quick sees the socket as soon as we return.
+fn daemonize(args: &Args) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("sitelinkd: cannot find my own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut child = match Command::new(exe)
+        .arg("--foreground")
+        .arg("--backend")
+        .arg(args.backend.name())
+        .arg("--mtu")
+        .arg(args.mtu.to_string())
+        .arg(&args.ifname)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sitelinkd: cannot start the daemon: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let uapi_fd_given = std::env::var("WG_UAPI_FD").is_ok();
+    let path = uapi::socket_path(&args.ifname);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(status)) = child.try_wait() {
+            eprintln!("sitelinkd: the daemon exited early: {status}");
+            return ExitCode::FAILURE;
+        }
+        if uapi_fd_given || path.exists() {
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("sitelinkd: the daemon did not open {}", path.display());
+    ExitCode::FAILURE
+}
+
+/// Removes the UAPI socket when dropped.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn env_fd(name: &str) -> Result<Option<i32>, String> {
+    match std::env::var(name) {
+        Ok(v) => v.parse().map(Some).map_err(|_| format!("{name}={v:?} is not a descriptor number")),
+        Err(_) => Ok(None),
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    sitelink_io::block_termination_signals().map_err(|e| format!("blocking signals: {e}"))?;
+    let tun = match env_fd("WG_TUN_FD")? {
+        Some(fd) => Tun::from_raw_inherited(fd).map_err(|e| format!("WG_TUN_FD: {e}"))?,
+        None => {
+            let tun =
+                Tun::open(&args.ifname, false).map_err(|e| format!("creating TUN {}: {e}", args.ifname))?;
+            tun.set_mtu(args.mtu).map_err(|e| format!("setting the MTU of {}: {e}", tun.name()))?;
+            tun
+        }
+    };
+    let ifname = tun.name().to_owned();
+    let mtu = tun.mtu().unwrap_or(args.mtu) as usize;
+    let (listener, socket_file) = match env_fd("WG_UAPI_FD")? {
+        // The parent handed this listening socket over to us.
+        Some(fd) => (adopt_listener(fd)?, SocketFile(None)),
+        None => {
+            let path = uapi::socket_path(&ifname);
+            let l = uapi::bind(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+            (l, SocketFile(Some(path)))
+        }
+    };
+    let link = LinkBuilder::unkeyed()
+        .backend(args.backend)
+        .mtu(mtu)
+        .start_tun(tun)
+        .map_err(|e| format!("starting the link: {e}"))?;
+    tracing::info!(interface = %ifname, backend = link.backend().name(), port = link.port(), "sitelinkd running");
+    let link = Arc::new(link);
+    uapi::serve(Arc::clone(&link), listener).map_err(|e| format!("starting the UAPI server: {e}"))?;
+    loop {
+        if let Some(sig) = sitelink_io::wait_termination_signal(Duration::from_millis(500)) {
+            tracing::info!(signal = sig, "stopping");
+            break;
+        }
+        if link.is_stopped() {
+            tracing::info!("the link stopped");
+            break;
+        }
+    }
+    link.shutdown();
+    let stats = link.stats();
+    tracing::info!(drops = ?stats.device.drops, io = ?stats.io, "final counters");
+    drop(socket_file);
+    Ok(())
+}
+
+fn adopt_listener(fd: i32) -> Result<UnixListener, String> {
+    let owned = sitelink_io::adopt_inherited_fd(fd).map_err(|e| format!("WG_UAPI_FD: {e}"))?;
+    Ok(UnixListener::from(owned))
+}
