@@ -133,10 +133,10 @@ impl Pair {
         let keys: Vec<String> = (0..2).map(|_| must("wg genkey").trim().to_owned()).collect();
         let pubs: Vec<String> =
             keys.iter().map(|k| must(&format!("echo {k} | wg pubkey")).trim().to_owned()).collect();
-        for side in 0..2 {
+        for (side, key) in keys.iter().enumerate() {
             let other = 1 - side;
             let keyfile = format!("/tmp/netns-test-{}.key", self.ifname[side]);
-            std::fs::write(&keyfile, &keys[side]).expect("key file");
+            std::fs::write(&keyfile, key).expect("key file");
             self.ns_exec(
                 side,
                 &format!(
@@ -180,7 +180,7 @@ impl Pair {
             self.ns[to],
             to + 1
         );
-        let mut srv =
+        let srv =
             Command::new("sh").arg("-c").arg(server).stdout(Stdio::piped()).spawn().expect("server");
         std::thread::sleep(Duration::from_millis(300));
         let client = format!(
