@@ -180,8 +180,7 @@ impl Pair {
             self.ns[to],
             to + 1
         );
-        let srv =
-            Command::new("sh").arg("-c").arg(server).stdout(Stdio::piped()).spawn().expect("server");
+        let srv = Command::new("sh").arg("-c").arg(server).stdout(Stdio::piped()).spawn().expect("server");
         std::thread::sleep(Duration::from_millis(300));
         let client = format!(
             "ip netns exec {} python3 -c 'import socket,hashlib,time\n\

@@ -75,7 +75,7 @@ impl Default for WireConfig {
 }
 
 /// A filter that may drop a datagram before the wire sees it: `(from node, bytes) -> keep?`.
-pub type DropFilter = Box<dyn FnMut(usize, &[u8]) -> bool>;
+pub type DropFilter = Box<dyn FnMut(usize, &[u8]) -> bool + Send>;
 
 /// One simulated host: a device and its UDP address.
 pub struct Node {

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::uapi::parse_endpoint;
+use crate::uapi::{parse_endpoint, resolve_endpoint};
 use crate::{IpNet, LinkBuilder, PeerConfig, PresharedKey, PrivateKey, PublicKey};
 
 /// A configuration error, with the 1-based line it was found on.
@@ -75,8 +75,17 @@ enum Section {
     Peer,
 }
 
-/// Parses a wg-quick style file.
+/// Parses a wg-quick style file whose endpoints are numeric (`ip:port`, `[ipv6]:port`).
 pub fn parse(text: &str) -> Result<Config, ConfError> {
+    parse_with(text, false)
+}
+
+/// Parses a wg-quick style file, resolving endpoint host names through the system resolver.
+pub fn parse_resolving(text: &str) -> Result<Config, ConfError> {
+    parse_with(text, true)
+}
+
+fn parse_with(text: &str, resolve: bool) -> Result<Config, ConfError> {
     let mut config = Config::default();
     let mut section = Section::None;
     let mut peer: Option<PeerConfig> = None;
@@ -156,10 +165,13 @@ pub fn parse(text: &str) -> Result<Config, ConfError> {
                         )
                     }
                     "endpoint" => {
-                        p.endpoint = Some(
-                            parse_endpoint(value)
-                                .ok_or_else(|| err(format!("Endpoint: cannot read or resolve {value:?}")))?,
-                        )
+                        let ep = if resolve { resolve_endpoint(value) } else { parse_endpoint(value) };
+                        p.endpoint = Some(ep.ok_or_else(|| {
+                            err(format!(
+                                "Endpoint: not ip:port{} {value:?}",
+                                if resolve { " or resolvable" } else { "" }
+                            ))
+                        })?)
                     }
                     "allowedips" => {
                         for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {

@@ -100,10 +100,14 @@ fn invalid(line: usize, message: impl Into<String>) -> UapiError {
     UapiError::Invalid { line, message: message.into() }
 }
 
-/// Reads an endpoint as `ip:port` or `[ipv6]:port` (names are resolved, as wg-quick files may
-/// hold them; `wg` itself resolves before sending).
+/// Reads an endpoint as `ip:port` or `[ipv6]:port` (numeric, as `wg` sends it).
 pub fn parse_endpoint(s: &str) -> Option<SocketAddr> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
+    s.parse::<SocketAddr>().ok()
+}
+
+/// Like [`parse_endpoint`], but a `name:port` is resolved through the system resolver.
+pub fn resolve_endpoint(s: &str) -> Option<SocketAddr> {
+    if let Some(a) = parse_endpoint(s) {
         return Some(a);
     }
     let (host, port) = s.rsplit_once(':')?;

@@ -1,0 +1,61 @@
+//! Writes the seed corpora: valid inputs for every target, into fuzz/corpus/TARGET/.
+use std::fs;
+use std::path::Path;
+
+use sitelink_frame::wire::MessageType;
+use sitelink_fuzz::Scene;
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    fs::create_dir_all(&dir).expect("corpus dir");
+    fs::write(dir.join(name), bytes).expect("seed");
+}
+
+fn main() {
+    let scene = Scene::new(true);
+    for (i, (_, msg)) in scene.recorded.iter().enumerate() {
+        write("parse_messages", &format!("recorded-{i}"), msg);
+        let mut raw = vec![0u8];
+        raw.extend_from_slice(msg);
+        write("decapsulate", &format!("raw-{i}"), &raw);
+    }
+    write("decapsulate", "xor-zero", &[1, 0, 0, 0, 0]);
+    write("decapsulate", "payload", &[2, 1, 2, 3, 4]);
+    if let Some(init) = scene.first(MessageType::HandshakeInitiation) {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&init);
+        write("handshake_initiation", "raw", &m);
+        write("handshake_initiation", "xor-zero", &[1]);
+        write("handshake_initiation", "zeros", &[2; 1]);
+    }
+    if let Some(resp) = scene.first(MessageType::HandshakeResponse) {
+        let mut m = vec![0u8];
+        m.extend_from_slice(&resp);
+        write("handshake_response", "raw", &m);
+        let mut f = vec![1u8];
+        f.extend_from_slice(&resp);
+        write("handshake_response", "framed", &f);
+    }
+    write("cookie_reply", "zeros", &[0u8; 64]);
+    write("ip_peek", "v4", &[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+    let mut v6 = vec![0x60, 0, 0, 0, 0, 0, 17, 64];
+    v6.extend_from_slice(&[0xfd; 32]);
+    write("ip_peek", "v6", &v6);
+    let k = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a";
+    write(
+        "uapi_set",
+        "full",
+        format!(
+            "private_key={k}\nlisten_port=51820\nreplace_peers=true\npublic_key={k}\nendpoint=127.0.0.1:1\n\
+             persistent_keepalive_interval=25\nreplace_allowed_ips=true\nallowed_ip=10.0.0.0/24\n\n"
+        )
+        .as_bytes(),
+    );
+    write(
+        "conf_parse",
+        "full",
+        b"[Interface]\nPrivateKey = yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\nListenPort = 51820\n\n[Peer]\n\
+          PublicKey = xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=\nAllowedIPs = 10.0.0.2/32, fd00::/64\n\
+          Endpoint = 127.0.0.1:51821\nPersistentKeepalive = 25\n",
+    );
+}
