@@ -58,10 +58,20 @@ impl<T: Copy + PartialEq> Trie<T> {
 }
 
 /// A longest-prefix-match table mapping IP prefixes to values (peer ids).
-#[derive(Debug, Clone)]
-pub struct AllowedIps<T> {
+///
+/// The last lookup's answer is remembered: a site-to-site link sends most packets to a few
+/// hosts, so the common case skips the trie walk. Changes clear the memory.
+#[derive(Clone)]
+pub struct AllowedIps<T: Copy> {
     v4: Trie<T>,
     v6: Trie<T>,
+    last: std::cell::Cell<Option<(IpAddr, Option<T>)>>,
+}
+
+impl<T: Copy + std::fmt::Debug> std::fmt::Debug for AllowedIps<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllowedIps").field("v4", &self.v4).field("v6", &self.v6).finish()
+    }
 }
 
 impl<T: Copy + PartialEq> Default for AllowedIps<T> {
@@ -73,11 +83,12 @@ impl<T: Copy + PartialEq> Default for AllowedIps<T> {
 impl<T: Copy + PartialEq> AllowedIps<T> {
     /// An empty table.
     pub fn new() -> Self {
-        AllowedIps { v4: Trie::new(), v6: Trie::new() }
+        AllowedIps { v4: Trie::new(), v6: Trie::new(), last: std::cell::Cell::new(None) }
     }
 
     /// Maps `net` to `value`, replacing what it mapped to before.
     pub fn insert(&mut self, net: IpNet, value: T) {
+        self.last.set(None);
         match net.addr() {
             IpAddr::V4(a) => self.v4.insert(u128::from(u32::from(a)), 32, net.prefix_len(), value),
             IpAddr::V6(a) => self.v6.insert(u128::from(a), 128, net.prefix_len(), value),
@@ -87,10 +98,17 @@ impl<T: Copy + PartialEq> AllowedIps<T> {
     /// The value of the longest prefix containing `ip`.
     #[inline]
     pub fn lookup(&self, ip: IpAddr) -> Option<T> {
-        match ip {
+        if let Some((last_ip, value)) = self.last.get()
+            && last_ip == ip
+        {
+            return value;
+        }
+        let value = match ip {
             IpAddr::V4(a) => self.v4.lookup(u128::from(u32::from(a)), 32),
             IpAddr::V6(a) => self.v6.lookup(u128::from(a), 128),
-        }
+        };
+        self.last.set(Some((ip, value)));
+        value
     }
 
     /// Empties the table.
