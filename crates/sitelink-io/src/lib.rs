@@ -11,7 +11,7 @@
 //!   profile refuses it, saying why once.
 //!
 //! The crate knows packet buffers ([`sitelink_frame`]), not the protocol. Every `unsafe`
-//! block lives in the private `sys` and `uring` modules, each with a `// SAFETY:` line.
+//! block lives in the private `sys` module (and `sys::uring`), each with a `// SAFETY:` line.
 
 mod mmsg;
 mod sys;
@@ -24,6 +24,7 @@ use std::time::Duration;
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
 pub use mmsg::MmsgIo;
+pub use sys::uring::UringIo;
 
 /// Datagrams or packets moved per batch by default.
 pub const DEFAULT_BATCH: usize = 64;
@@ -332,10 +333,13 @@ pub fn open_backend(
     let batch = batch.clamp(1, 1024);
     match kind {
         BackendKind::Mmsg => Ok((Box::new(MmsgIo::new(packets, udp, batch)?), None)),
-        BackendKind::Uring => {
-            let why = "io_uring backend not built yet; using the mmsg backend".to_owned();
-            Ok((Box::new(MmsgIo::new(packets, udp, batch)?), Some(why)))
-        }
+        BackendKind::Uring => match sys::uring::probe() {
+            Ok(()) => Ok((Box::new(UringIo::new(packets, udp, batch)?), None)),
+            Err(e) => {
+                let why = format!("io_uring unavailable ({e}); using the mmsg backend");
+                Ok((Box::new(MmsgIo::new(packets, udp, batch)?), Some(why)))
+            }
+        },
     }
 }
 

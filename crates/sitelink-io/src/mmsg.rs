@@ -142,13 +142,12 @@ impl PacketIo for MmsgIo {
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        if self.more_udp || self.more_packets {
-            return Ok(());
-        }
+        // With input left over from a full batch, only look (no sleeping) at the others.
+        let timeout = if self.more_udp || self.more_packets { Some(Duration::ZERO) } else { timeout };
         let mut ready = [false; 3];
         sys::poll(&[self.udp.as_fd(), self.packets.as_fd(), self.waker.0.as_fd()], &mut ready, timeout)?;
-        self.more_udp = ready[0];
-        self.more_packets = ready[1];
+        self.more_udp |= ready[0];
+        self.more_packets |= ready[1];
         if ready[2] {
             self.waker.drain();
         }

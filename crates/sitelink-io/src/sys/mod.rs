@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use sitelink_frame::{Datagram, PacketBuf};
 
+pub(crate) mod uring;
+
 /// Turns a `-1` return into the thread's errno.
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }

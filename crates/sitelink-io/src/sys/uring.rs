@@ -1,0 +1,620 @@
+//! The io_uring backend.
+//!
+//! * UDP: one multishot `recvmsg` over a provided buffer ring. The ring's buffers are pooled
+//!   [`PacketBuf`]s, offered so that the kernel's `io_uring_recvmsg_out` header and the source
+//!   address land in the headroom and the datagram at the buffer's normal data offset: the
+//!   engine gets the very memory the kernel wrote, with no copy.
+//! * TUN: `batch` reads kept in flight, each into a pooled buffer (its tailroom left free for
+//!   padding and tag); writes queued as SQEs.
+//! * Sends: one `sendmsg` SQE per group of datagrams, with `UDP_SEGMENT` (GSO) for runs of
+//!   equal datagrams to one address, the iovecs pointing at the sealed buffers.
+//! * Everything queued during a turn goes to the kernel with the next [`wait`]: one
+//!   `io_uring_enter` per turn submits the writes, the sends and the re-armed reads, and waits.
+//!
+//! Ownership: every buffer the kernel may touch is held in a slot table indexed by the SQE's
+//! `user_data` (or, for the buffer ring, by buffer id) until its completion arrives; the kernel
+//! structures (`msghdr`, iovecs, addresses, control messages) live in boxed slots that do not
+//! move. Dropping the backend tears the ring down first (which waits for nothing: the kernel
+//! cancels in-flight requests when the ring's file is closed), then frees the buffers.
+//!
+//! [`wait`]: crate::PacketIo::wait
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use io_uring::types::{BufRingEntry, Fixed, RecvMsgOut, SubmitArgs, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+use sitelink_frame::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, PacketBuf};
+
+use super::{GSO_CMSG_SPACE, RawAddr, SendGroup};
+use crate::mmsg::group_for_gso;
+use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
+
+const KIND_SHIFT: u64 = 56;
+const TUN_READ: u64 = 1;
+const TUN_WRITE: u64 = 2;
+const UDP_RECV: u64 = 3;
+const UDP_SEND: u64 = 4;
+const WAKE: u64 = 5;
+const CANCEL: u64 = 6;
+
+/// Registered file slots.
+const FILE_TUN: u32 = 0;
+const FILE_UDP: u32 = 1;
+
+/// The provided-buffer group id of the UDP buffer ring.
+const BGID: u16 = 7;
+
+/// Bytes the kernel puts before a multishot `recvmsg` payload: the 16-byte
+/// `io_uring_recvmsg_out` header and the address (we ask for a `sockaddr_in6`).
+const RECV_PREFIX: usize = 16 + size_of::<libc::sockaddr_in6>();
+
+fn ud(kind: u64, slot: usize) -> u64 {
+    (kind << KIND_SHIFT) | slot as u64
+}
+
+/// Checks whether this kernel and process may use io_uring with what this backend needs.
+pub(crate) fn probe() -> io::Result<()> {
+    let ring: IoUring = IoUring::new(8)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (op, name) in [
+        (opcode::RecvMsgMulti::CODE, "multishot recvmsg"),
+        (opcode::SendMsg::CODE, "sendmsg"),
+        (opcode::Read::CODE, "read"),
+        (opcode::Write::CODE, "write"),
+    ] {
+        if !probe.is_supported(op) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("the kernel's io_uring lacks {name}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The provided buffer ring's entries, page-aligned as the kernel requires.
+struct BufRing {
+    base: *mut BufRingEntry,
+    entries: u16,
+    layout: Layout,
+    tail: u16,
+}
+
+impl BufRing {
+    fn new(entries: u16) -> io::Result<BufRing> {
+        let layout = Layout::from_size_align(entries as usize * size_of::<BufRingEntry>(), 4096)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the layout has a non-zero size (entries > 0).
+        let base = unsafe { alloc_zeroed(layout) }.cast::<BufRingEntry>();
+        if base.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        Ok(BufRing { base, entries, layout, tail: 0 })
+    }
+
+    /// Writes an entry at the tail (not yet visible to the kernel: see [`publish`]).
+    fn push(&mut self, addr: *mut u8, len: usize, bid: u16) {
+        let index = (self.tail & (self.entries - 1)) as usize;
+        // SAFETY: `index < entries`, so the entry lies inside the allocation; the kernel only
+        // reads entries between its head and the published tail, which excludes this one.
+        let entry = unsafe { &mut *self.base.add(index) };
+        entry.set_addr(addr as u64);
+        entry.set_len(len.min(u32::MAX as usize) as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the entries pushed so far visible to the kernel.
+    fn publish(&self) {
+        // SAFETY: `base` is the ring's first entry, page-aligned and initialised; the tail field
+        // it points at is a u16 the kernel reads atomically, so an atomic release store is the
+        // documented way to publish.
+        unsafe {
+            let tail = BufRingEntry::tail(self.base).cast_mut();
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; the ring (the only other user) is gone.
+        unsafe { dealloc(self.base.cast(), self.layout) }
+    }
+}
+
+/// The kernel structures of one in-flight `sendmsg`, boxed so they do not move.
+struct SendSlot {
+    hdr: libc::msghdr,
+    iovs: Vec<libc::iovec>,
+    addr: RawAddr,
+    cmsg: [u64; GSO_CMSG_SPACE / 8],
+    bufs: Vec<PacketBuf>,
+    datagrams: usize,
+}
+
+/// io_uring batched I/O. See the module documentation.
+pub struct UringIo {
+    // Field order matters for drop: the ring goes first, so that no request is in flight when
+    // the buffers and kernel structures below are freed.
+    ring: IoUring,
+    /// Kept open for the backend's life (the ring's registered file table refers to it).
+    _packets: PacketFd,
+    udp: UdpSocket,
+    batch: usize,
+    buf_ring: BufRing,
+    /// Buffers lent to the buffer ring, by buffer id.
+    provided: Vec<Option<PacketBuf>>,
+    /// Buffer ids consumed and waiting for a fresh buffer.
+    to_provide: Vec<u16>,
+    recv_msghdr: Box<libc::msghdr>,
+    recv_armed: bool,
+    tun_reads: Vec<Option<PacketBuf>>,
+    tun_reads_free: Vec<usize>,
+    tun_writes: Vec<Option<PacketBuf>>,
+    tun_writes_free: Vec<usize>,
+    /// Boxed so that a slot the kernel points into never moves, whatever the vector does.
+    #[allow(clippy::vec_box)]
+    sends: Vec<Box<SendSlot>>,
+    sends_free: Vec<usize>,
+    groups: Vec<SendGroup>,
+    ready_packets: Vec<PacketBuf>,
+    ready_datagrams: Vec<Datagram>,
+    /// Buffers the kernel is done with, to go back to the pool at the next call that has it.
+    done: Vec<PacketBuf>,
+    wake_armed: bool,
+    waker: Waker,
+    gso: bool,
+    tun_read_error: Option<io::Error>,
+    stats: IoStats,
+}
+
+// SAFETY: the raw pointers inside (buffer ring, msghdrs, iovecs) point into memory this value
+// owns; nothing is shared with another thread, and the ring is used from one thread at a time.
+unsafe impl Send for UringIo {}
+
+impl std::fmt::Debug for UringIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringIo")
+            .field("port", &self.udp.port())
+            .field("gso", &self.gso)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UringIo {
+    /// A backend over `packets` and `udp` moving up to `batch` items per turn.
+    pub fn new(packets: PacketFd, udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
+        // Blocking descriptors: io_uring then waits on them itself instead of returning EAGAIN.
+        super::set_nonblocking(packets.as_fd(), false)?;
+        let entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u32;
+        let ring: IoUring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
+        ring.submitter().register_files(&[packets.as_fd().as_raw_fd(), udp.as_fd().as_raw_fd()])?;
+        let ring_entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u16;
+        let buf_ring = BufRing::new(ring_entries)?;
+        // SAFETY: the entries stay allocated (owned by `buf_ring`) until the ring is dropped,
+        // which happens first (field order).
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(buf_ring.base as u64, ring_entries, BGID, 0)?
+        };
+        // SAFETY: msghdr is plain old data; zeros are valid.
+        let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
+        recv_msghdr.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        let gso = udp.supports_gso();
+        let mut io = UringIo {
+            ring,
+            _packets: packets,
+            udp,
+            batch,
+            buf_ring,
+            provided: (0..ring_entries).map(|_| None).collect(),
+            to_provide: (0..ring_entries).collect(),
+            recv_msghdr,
+            recv_armed: false,
+            tun_reads: (0..batch).map(|_| None).collect(),
+            tun_reads_free: (0..batch).collect(),
+            tun_writes: (0..batch * 2).map(|_| None).collect(),
+            tun_writes_free: (0..batch * 2).collect(),
+            sends: Vec::new(),
+            sends_free: Vec::new(),
+            groups: Vec::with_capacity(batch),
+            ready_packets: Vec::with_capacity(batch),
+            ready_datagrams: Vec::with_capacity(ring_entries as usize),
+            done: Vec::with_capacity(batch * 2),
+            wake_armed: false,
+            waker: Waker::new()?,
+            gso,
+            tun_read_error: None,
+            stats: IoStats::default(),
+        };
+        for i in 0..batch {
+            let mut slot = SendSlot {
+                // SAFETY: msghdr is plain old data; zeros are valid.
+                hdr: unsafe { zeroed() },
+                iovs: Vec::with_capacity(crate::mmsg::GSO_MAX_SEGMENTS),
+                addr: RawAddr::new(SocketAddr::from(([0, 0, 0, 0], 0)), false),
+                cmsg: [0; GSO_CMSG_SPACE / 8],
+                bufs: Vec::with_capacity(crate::mmsg::GSO_MAX_SEGMENTS),
+                datagrams: 0,
+            };
+            slot.iovs.clear();
+            io.sends.push(Box::new(slot));
+            io.sends_free.push(i);
+        }
+        Ok(io)
+    }
+
+    /// Pushes an SQE, flushing the queue to the kernel first if it is full.
+    ///
+    /// # Safety
+    /// Every buffer and structure `entry` points at must stay valid and unmoved until its
+    /// completion is reaped.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: forwarded from this function's contract.
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    /// Lends fresh buffers to the buffer ring for every consumed id, and re-arms the multishot
+    /// receive if it ended.
+    fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
+        let mut pushed = false;
+        while let Some(bid) = self.to_provide.pop() {
+            let mut buf = pool.get();
+            if buf.headroom() < RECV_PREFIX {
+                pool.put(buf);
+                self.to_provide.push(bid);
+                return Err(io::Error::other("pool buffers lack headroom for io_uring receives"));
+            }
+            buf.reset(buf.headroom() - RECV_PREFIX);
+            let spare = buf.spare_mut();
+            let (addr, len) = (spare.as_mut_ptr(), spare.len());
+            self.buf_ring.push(addr, len, bid);
+            self.provided[bid as usize] = Some(buf);
+            pushed = true;
+        }
+        if pushed {
+            self.buf_ring.publish();
+        }
+        if !self.recv_armed {
+            let entry = opcode::RecvMsgMulti::new(Fixed(FILE_UDP), &*self.recv_msghdr, BGID)
+                .build()
+                .user_data(ud(UDP_RECV, 0));
+            // SAFETY: the msghdr is boxed in `self` and outlives the ring; the buffers come from
+            // the buffer ring, whose memory `self.provided` owns.
+            unsafe { self.push(&entry)? };
+            self.recv_armed = true;
+        }
+        if !self.wake_armed {
+            let entry =
+                opcode::PollAdd::new(io_uring::types::Fd(self.waker.0.as_raw_fd()), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(ud(WAKE, 0));
+            // SAFETY: a poll request carries no buffers; the eventfd lives as long as `self`.
+            unsafe { self.push(&entry)? };
+            self.wake_armed = true;
+        }
+        Ok(())
+    }
+
+    /// Keeps `batch` TUN reads in flight.
+    fn arm_tun_reads(&mut self, pool: &mut BufPool) -> io::Result<()> {
+        while let Some(slot) = self.tun_reads_free.pop() {
+            let mut buf = pool.get();
+            let spare = buf.spare_mut();
+            let room = spare.len().saturating_sub(DEFAULT_TAILROOM);
+            let ptr = spare.as_mut_ptr();
+            let entry =
+                opcode::Read::new(Fixed(FILE_TUN), ptr, room as u32).build().user_data(ud(TUN_READ, slot));
+            self.tun_reads[slot] = Some(buf);
+            // SAFETY: the buffer is held in `tun_reads[slot]` until the read completes.
+            unsafe { self.push(&entry)? };
+        }
+        Ok(())
+    }
+
+    /// Reaps every completion, moving finished reads to the ready lists.
+    fn reap(&mut self) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let (kind, slot) = (cqe.user_data() >> KIND_SHIFT, (cqe.user_data() & 0xffff_ffff) as usize);
+            let result = cqe.result();
+            match kind {
+                TUN_READ => {
+                    let Some(mut buf) = self.tun_reads[slot].take() else { continue };
+                    self.tun_reads_free.push(slot);
+                    if result > 0 {
+                        buf.set_len(result as usize).expect("the kernel read within the room given");
+                        self.stats.tun_rx += 1;
+                        self.ready_packets.push(buf);
+                    } else {
+                        self.done.push(buf);
+                        if result < 0 && result != -libc::ECANCELED {
+                            self.stats.tun_read_errors += 1;
+                            self.tun_read_error = Some(io::Error::from_raw_os_error(-result));
+                        }
+                    }
+                }
+                TUN_WRITE => {
+                    if let Some(buf) = self.tun_writes[slot].take() {
+                        self.tun_writes_free.push(slot);
+                        self.done.push(buf);
+                    }
+                    if result < 0 {
+                        self.stats.tun_write_errors += 1;
+                    } else {
+                        self.stats.tun_tx += 1;
+                    }
+                }
+                UDP_RECV => {
+                    if !cqueue::more(cqe.flags()) {
+                        self.recv_armed = false;
+                    }
+                    let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
+                        if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
+                            self.stats.udp_recv_errors += 1;
+                        }
+                        continue;
+                    };
+                    self.to_provide.push(bid);
+                    let Some(mut buf) = self.provided.get_mut(bid as usize).and_then(Option::take) else {
+                        continue;
+                    };
+                    if result < 0 {
+                        self.done.push(buf);
+                        continue;
+                    }
+                    let n = (result as usize).min(buf.spare_mut().len());
+                    let parsed = {
+                        let bytes = &buf.spare_mut()[..n];
+                        RecvMsgOut::parse(bytes, &self.recv_msghdr).ok().map(|out| {
+                            let mut raw = RawAddr::empty();
+                            let name = out.name_data();
+                            // SAFETY: `raw.storage` is a sockaddr_in6 and `name` is at most its
+                            // size (we asked for exactly that much name room).
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    name.as_ptr(),
+                                    (&mut raw.storage as *mut libc::sockaddr_in6).cast::<u8>(),
+                                    name.len().min(size_of::<libc::sockaddr_in6>()),
+                                );
+                            }
+                            (raw.socket_addr(), out.payload_data().len(), out.is_payload_truncated())
+                        })
+                    };
+                    match parsed {
+                        Some((Some(addr), len, false)) => {
+                            buf.set_len(RECV_PREFIX + len).expect("within the buffer");
+                            buf.advance(RECV_PREFIX).expect("prefix is inside the data");
+                            self.stats.udp_rx += 1;
+                            self.ready_datagrams.push(Datagram { addr, buf });
+                        }
+                        _ => {
+                            self.stats.udp_truncated += 1;
+                            self.done.push(buf);
+                        }
+                    }
+                }
+                UDP_SEND => {
+                    let s = &mut self.sends[slot];
+                    if result < 0 {
+                        if result == -libc::EIO && self.gso {
+                            tracing::warn!(
+                                "UDP GSO refused by the kernel (EIO); sending datagrams one by one"
+                            );
+                            self.gso = false;
+                        }
+                        self.stats.udp_send_errors += s.datagrams as u64;
+                    } else {
+                        self.stats.udp_tx += s.datagrams as u64;
+                    }
+                    self.done.append(&mut s.bufs);
+                    self.sends_free.push(slot);
+                }
+                WAKE => {
+                    if !cqueue::more(cqe.flags()) {
+                        self.wake_armed = false;
+                    }
+                    self.waker.drain();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn recycle_done(&mut self, pool: &mut BufPool) {
+        for buf in self.done.drain(..) {
+            pool.put(buf);
+        }
+    }
+
+    /// Waits for send slots to come back when all are in flight.
+    fn wait_for_send_slot(&mut self) -> io::Result<()> {
+        while self.sends_free.is_empty() {
+            self.ring.submit_and_wait(1)?;
+            self.reap();
+        }
+        Ok(())
+    }
+}
+
+impl PacketIo for UringIo {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Uring
+    }
+
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        // Until the receive, the reads and the waker are armed (the first turn, or after the
+        // buffer ring ran dry), nothing may complete: go round once to arm them.
+        let unarmed = !self.recv_armed || !self.wake_armed || !self.tun_reads_free.is_empty();
+        if unarmed || !self.ready_packets.is_empty() || !self.ready_datagrams.is_empty() {
+            self.ring.submit()?;
+            self.reap();
+            return Ok(());
+        }
+        let result = match timeout {
+            Some(d) => {
+                let ts = Timespec::from(d);
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap();
+        Ok(())
+    }
+
+    fn recv_datagrams(&mut self, pool: &mut BufPool, out: &mut Vec<Datagram>) -> io::Result<()> {
+        self.recycle_done(pool);
+        let take = self.ready_datagrams.len().min(self.batch.max(1) * 4);
+        out.extend(self.ready_datagrams.drain(..take));
+        self.refill(pool)
+    }
+
+    fn read_packets(&mut self, pool: &mut BufPool, out: &mut Vec<PacketBuf>) -> io::Result<()> {
+        self.recycle_done(pool);
+        out.append(&mut self.ready_packets);
+        if let Some(e) = self.tun_read_error.take() {
+            // Re-arm later, not now: a broken descriptor would fail again at once.
+            return Err(e);
+        }
+        self.arm_tun_reads(pool)
+    }
+
+    fn send_datagrams(&mut self, dgrams: &mut Vec<Datagram>, pool: &mut BufPool) -> io::Result<()> {
+        self.recycle_done(pool);
+        while !dgrams.is_empty() {
+            let take = dgrams.len().min(self.batch);
+            group_for_gso(&dgrams[..take], self.gso, &mut self.groups);
+            // Groups are taken from the front; drain the batch's datagrams into slots.
+            let mut drained = dgrams.drain(..take);
+            for gi in 0..self.groups.len() {
+                let g = self.groups[gi];
+                self.wait_for_send_slot()?;
+                let slot = self.sends_free.pop().expect("a free slot after waiting");
+                let ipv6 = self.udp.is_ipv6();
+                let s = &mut *self.sends[slot];
+                s.iovs.clear();
+                s.bufs.clear();
+                for _ in g.start..g.end {
+                    let d = drained.next().expect("groups cover the batch");
+                    if s.bufs.is_empty() {
+                        s.addr = RawAddr::new(d.addr, ipv6);
+                    }
+                    s.bufs.push(d.buf);
+                }
+                for b in &s.bufs {
+                    let data = b.data();
+                    s.iovs.push(libc::iovec {
+                        iov_base: data.as_ptr() as *mut libc::c_void,
+                        iov_len: data.len(),
+                    });
+                }
+                s.datagrams = g.end - g.start;
+                s.hdr.msg_name = (&mut s.addr.storage as *mut libc::sockaddr_in6).cast();
+                s.hdr.msg_namelen = s.addr.len;
+                s.hdr.msg_iov = s.iovs.as_mut_ptr();
+                s.hdr.msg_iovlen = s.iovs.len();
+                s.hdr.msg_flags = 0;
+                if g.segment == 0 {
+                    s.hdr.msg_control = std::ptr::null_mut();
+                    s.hdr.msg_controllen = 0;
+                } else {
+                    s.hdr.msg_control = s.cmsg.as_mut_ptr().cast();
+                    // SAFETY: CMSG_SPACE is a pure computation.
+                    s.hdr.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+                    // SAFETY: msg_control points at GSO_CMSG_SPACE bytes (8-aligned) owned by the
+                    // slot, enough for one cmsghdr carrying a u16.
+                    unsafe {
+                        let c = libc::CMSG_FIRSTHDR(&s.hdr);
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+                        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), g.segment);
+                    }
+                }
+                let entry =
+                    opcode::SendMsg::new(Fixed(FILE_UDP), &s.hdr).build().user_data(ud(UDP_SEND, slot));
+                self.stats.send_calls += 1;
+                // SAFETY: the slot is boxed and owns the msghdr, iovecs, address, control space
+                // and the buffers the iovecs point at until the completion returns it.
+                unsafe { self.push(&entry)? };
+            }
+        }
+        Ok(())
+    }
+
+    fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
+        self.recycle_done(pool);
+        for buf in packets.drain(..) {
+            while self.tun_writes_free.is_empty() {
+                self.ring.submit_and_wait(1)?;
+                self.reap();
+                self.recycle_done(pool);
+            }
+            let slot = self.tun_writes_free.pop().expect("a free slot after waiting");
+            let data = buf.data();
+            let entry = opcode::Write::new(Fixed(FILE_TUN), data.as_ptr(), data.len() as u32)
+                .build()
+                .user_data(ud(TUN_WRITE, slot));
+            self.tun_writes[slot] = Some(buf);
+            // SAFETY: the buffer is held in `tun_writes[slot]` until the write completes.
+            unsafe { self.push(&entry)? };
+        }
+        Ok(())
+    }
+
+    fn replace_socket(&mut self, udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
+        if self.recv_armed {
+            let entry = opcode::AsyncCancel::new(ud(UDP_RECV, 0)).build().user_data(ud(CANCEL, 0));
+            // SAFETY: a cancel request carries no buffers.
+            unsafe { self.push(&entry)? };
+            // Wait for the multishot receive to end before its socket goes.
+            while self.recv_armed {
+                self.ring.submit_and_wait(1)?;
+                self.reap();
+            }
+        }
+        self.ring.submitter().register_files_update(FILE_UDP, &[udp.as_fd().as_raw_fd()])?;
+        self.gso = udp.supports_gso();
+        self.udp = udp;
+        Ok(())
+    }
+
+    fn port(&self) -> u16 {
+        self.udp.port()
+    }
+
+    fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
+        self.udp.set_fwmark(mark)
+    }
+
+    fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    fn stats(&self) -> &IoStats {
+        &self.stats
+    }
+}
+
+const _: () = assert!(RECV_PREFIX <= DEFAULT_HEADROOM, "the pool's headroom holds the recvmsg prefix");

@@ -1,0 +1,183 @@
+//! One test suite, run against both backends: datagrams in and out (with GSO runs), packets in
+//! and out, the waker, truncation, and replacing the socket. Loopback and a packet pipe only:
+//! no root needed.
+
+use std::net::{SocketAddr, UdpSocket as StdUdp};
+use std::time::{Duration, Instant};
+
+use sitelink_frame::{BufPool, Datagram, PacketBuf};
+use sitelink_io::{BackendKind, PacketIo, PacketPipe, UdpConfig, UdpSocket, open_backend};
+
+fn loopback() -> UdpConfig {
+    UdpConfig { loopback_only: true, ..UdpConfig::default() }
+}
+
+struct Rig {
+    io: Box<dyn PacketIo>,
+    pool: BufPool,
+    app: PacketPipe,
+    peer: StdUdp,
+}
+
+fn rig(kind: BackendKind) -> Option<Rig> {
+    let (app, fd) = PacketPipe::pair().expect("pipe");
+    let udp = UdpSocket::bind(loopback()).expect("bind");
+    let (io, fallback) = open_backend(kind, fd, udp, 64).expect("backend");
+    if let Some(why) = fallback {
+        assert!(std::env::var("CI").is_err() || kind == BackendKind::Mmsg, "io_uring must work in CI: {why}");
+        eprintln!("*** {kind:?} not available here, testing the fallback: {why} ***");
+    }
+    let peer = StdUdp::bind("127.0.0.1:0").expect("peer");
+    peer.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    Some(Rig { io, pool: BufPool::for_mtu(1420, 1024), app, peer })
+}
+
+impl Rig {
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.io.port()))
+    }
+
+    /// Turns the backend until `want` datagrams arrived (or 5 s pass).
+    fn recv(&mut self, want: usize) -> Vec<Datagram> {
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while got.len() < want && start.elapsed() < Duration::from_secs(5) {
+            self.io.wait(Some(Duration::from_millis(50))).expect("wait");
+            self.io.recv_datagrams(&mut self.pool, &mut got).expect("recv");
+        }
+        got
+    }
+
+    fn read(&mut self, want: usize) -> Vec<PacketBuf> {
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while got.len() < want && start.elapsed() < Duration::from_secs(5) {
+            self.io.wait(Some(Duration::from_millis(50))).expect("wait");
+            self.io.read_packets(&mut self.pool, &mut got).expect("read");
+        }
+        got
+    }
+
+    /// Flushes queued writes and sends (io_uring submits them at the next turn).
+    fn flush(&mut self) {
+        self.io.wait(Some(Duration::from_millis(10))).expect("wait");
+        let mut sink = Vec::new();
+        self.io.recv_datagrams(&mut self.pool, &mut sink).expect("recv");
+        let mut packets = Vec::new();
+        self.io.read_packets(&mut self.pool, &mut packets).expect("read");
+        assert!(sink.is_empty() && packets.is_empty(), "nothing was waiting");
+    }
+}
+
+fn datagrams_both_ways(kind: BackendKind) {
+    let Some(mut r) = rig(kind) else { return };
+    let to = r.addr();
+    for i in 0..100u8 {
+        r.peer.send_to(&[i; 100], to).expect("send");
+    }
+    let got = r.recv(100);
+    assert_eq!(got.len(), 100);
+    let me = r.peer.local_addr().expect("addr");
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d.addr, me);
+        assert_eq!(d.buf.data(), &[i as u8; 100][..], "datagram {i} in order and intact");
+    }
+    // Out: a run of equal datagrams (one GSO message), then a shorter one, then singles.
+    let mut out: Vec<Datagram> = Vec::new();
+    for i in 0..40u8 {
+        let len = if i == 29 { 300 } else { 1000 };
+        out.push(Datagram { addr: me, buf: PacketBuf::from_slice(&vec![i; len]) });
+    }
+    r.io.send_datagrams(&mut out, &mut r.pool).expect("send");
+    assert!(out.is_empty());
+    r.flush();
+    let mut buf = [0u8; 2000];
+    for i in 0..40u8 {
+        let (n, from) = r.peer.recv_from(&mut buf).expect("peer receives");
+        assert_eq!(from.port(), r.io.port());
+        assert_eq!(n, if i == 29 { 300 } else { 1000 }, "datagram {i} kept its own size");
+        assert!(buf[..n].iter().all(|&b| b == i));
+    }
+    let s = r.io.stats();
+    assert_eq!((s.udp_rx, s.udp_tx, s.udp_send_errors), (100, 40, 0));
+    assert!(s.send_calls < 40, "GSO and batching: {} send calls for 40 datagrams", s.send_calls);
+}
+
+fn packets_both_ways(kind: BackendKind) {
+    let Some(mut r) = rig(kind) else { return };
+    for i in 0..50u8 {
+        r.app.send(&[i; 1420]).expect("app sends");
+    }
+    let got = r.read(50);
+    assert_eq!(got.len(), 50);
+    for (i, p) in got.iter().enumerate() {
+        assert_eq!(p.data(), &[i as u8; 1420][..]);
+        assert!(p.tailroom() >= 31, "tailroom left for padding and tag");
+    }
+    let mut out: Vec<PacketBuf> = (0..50u8).map(|i| PacketBuf::from_slice(&[i; 600])).collect();
+    r.io.write_packets(&mut out, &mut r.pool).expect("write");
+    r.flush();
+    r.app.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut buf = [0u8; 2048];
+    for i in 0..50u8 {
+        let n = r.app.recv(&mut buf).expect("app receives");
+        assert_eq!(&buf[..n], &[i; 600][..]);
+    }
+}
+
+fn waker_and_truncation(kind: BackendKind) {
+    let Some(mut r) = rig(kind) else { return };
+    // Arm, then a wake from another thread ends a long wait early.
+    r.flush();
+    let w = r.io.waker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        w.wake();
+    });
+    let start = Instant::now();
+    r.io.wait(Some(Duration::from_secs(10))).expect("wait");
+    assert!(start.elapsed() < Duration::from_secs(5), "woken early");
+    t.join().expect("waker thread");
+    // A datagram larger than a buffer is counted, not delivered cut short.
+    r.peer.send_to(&[1u8; 3000], r.addr()).expect("send");
+    r.peer.send_to(&[2u8; 10], r.addr()).expect("send");
+    let got = r.recv(1);
+    assert_eq!(got.len(), 1, "{:?}", r.io.stats());
+    assert_eq!(got[0].buf.data(), &[2u8; 10]);
+    assert_eq!(r.io.stats().udp_truncated, 1, "{:?}", r.io.stats());
+}
+
+fn replace_socket(kind: BackendKind) {
+    let Some(mut r) = rig(kind) else { return };
+    r.flush();
+    let old = r.addr();
+    let new = UdpSocket::bind(loopback()).expect("bind");
+    r.io.replace_socket(new, &mut r.pool).expect("replace");
+    assert_ne!(r.addr(), old);
+    r.peer.send_to(b"after", r.addr()).expect("send");
+    let got = r.recv(1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].buf.data(), b"after");
+}
+
+macro_rules! suite {
+    ($($name:ident: $kind:expr;)*) => {
+        mod suite {
+            use super::*;
+            $(
+                mod $name {
+                    use super::*;
+                    #[test] fn datagrams() { datagrams_both_ways($kind) }
+                    #[test] fn packets() { packets_both_ways($kind) }
+                    #[test] fn waker_and_truncation() { super::waker_and_truncation($kind) }
+                    #[test] fn replace_socket() { super::replace_socket($kind) }
+                }
+            )*
+        }
+    };
+}
+
+suite! {
+    uring: BackendKind::Uring;
+    mmsg: BackendKind::Mmsg;
+}
