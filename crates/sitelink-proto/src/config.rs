@@ -128,6 +128,23 @@ impl Default for Timing {
 }
 
 impl Timing {
+    /// The protocol's times multiplied by `factor` (message limits unchanged), keeping every
+    /// relationship between them: for tests and fault drills that want rekeys every few
+    /// seconds. Both ends of a link should use the same factor.
+    pub fn scaled(factor: f64) -> Timing {
+        let d = Timing::default();
+        let f = |t: Duration| t.mul_f64(factor.clamp(1e-4, 1e4));
+        Timing {
+            rekey_after_time: f(d.rekey_after_time),
+            reject_after_time: f(d.reject_after_time),
+            rekey_attempt_time: f(d.rekey_attempt_time),
+            rekey_timeout: f(d.rekey_timeout),
+            rekey_timeout_jitter: f(d.rekey_timeout_jitter),
+            keepalive_timeout: f(d.keepalive_timeout),
+            ..d
+        }
+    }
+
     /// How many handshake retries fit in REKEY_ATTEMPT_TIME.
     pub fn max_handshake_attempts(&self) -> u32 {
         let per = self.rekey_timeout.as_millis().max(1);
@@ -218,5 +235,15 @@ mod tests {
     #[test]
     fn default_attempts() {
         assert_eq!(Timing::default().max_handshake_attempts(), 18);
+    }
+
+    #[test]
+    fn scaled_timing_keeps_its_proportions() {
+        let t = Timing::scaled(0.025);
+        assert_eq!(t.rekey_after_time, Duration::from_secs(3));
+        assert_eq!(t.reject_after_time, Duration::from_millis(4500));
+        assert_eq!(t.rekey_timeout, Duration::from_millis(125));
+        assert_eq!(t.max_handshake_attempts(), 18);
+        assert_eq!(t.rekey_after_messages, Timing::default().rekey_after_messages);
     }
 }

@@ -175,6 +175,7 @@ pub struct Device {
     anchor: (Instant, Duration),
     stats: DeviceStats,
     limiter: RateLimiter,
+    cookie_limiter: RateLimiter,
     load: LoadMeter,
 }
 
@@ -186,6 +187,9 @@ impl std::fmt::Debug for Device {
             .finish_non_exhaustive()
     }
 }
+
+/// Cookie replies sent to one source address per second, at most.
+const COOKIE_REPLIES_PER_SOURCE_PER_SECOND: u32 = 2;
 
 /// Per-source rate-limiter table size: bounds its memory under a flood from many addresses.
 const RATE_LIMITER_SOURCES: usize = 8192;
@@ -214,6 +218,9 @@ impl Device {
                 config.handshakes_per_source_per_second.div_ceil(2).max(1),
                 RATE_LIMITER_SOURCES,
             ),
+            // A source needs one cookie per COOKIE_REFRESH_TIME; answering every flooded
+            // message with one would spend the data path's time on an attacker.
+            cookie_limiter: RateLimiter::new(COOKIE_REPLIES_PER_SOURCE_PER_SECOND, 2, RATE_LIMITER_SOURCES),
             load: LoadMeter::default(),
             config,
         }
@@ -741,6 +748,10 @@ impl Device {
             return true;
         }
         if check == MacCheck::Mac1 {
+            if !self.cookie_limiter.allow(now, d.addr.ip()) {
+                self.stats.drops.add(DropReason::RateLimited);
+                return false;
+            }
             let mut reply = self.pool.get();
             reply.set_len(COOKIE_REPLY_LEN).expect("pool buffers hold a cookie reply");
             let mac1: [u8; 16] =

@@ -340,6 +340,37 @@ fn under_load_a_cookie_reply_is_required_and_the_handshake_still_completes() {
 }
 
 #[test]
+fn a_flood_from_one_source_gets_few_cookie_replies_and_the_peer_still_gets_through() {
+    use sitelink_crypto::cookie::MacSealer;
+    use sitelink_frame::wire::{INITIATION_LEN, mac_offsets};
+    let mut net = Net::new(29);
+    net.add_node(|_| {});
+    net.add_node(|c| c.handshake_load_threshold = 0); // node 1 is always under load
+    net.link(0, 1, None, None);
+    // 1,000 initiations with a valid mac1 (the public key is public) from one attacker.
+    let attacker: SocketAddr = "198.18.200.1:4000".parse().unwrap();
+    let mut sealer = MacSealer::new(net.nodes[1].dev.public_key());
+    for i in 0..1000u32 {
+        let mut m = [0u8; INITIATION_LEN];
+        m[0] = 1;
+        m[4..8].copy_from_slice(&i.to_le_bytes());
+        sealer.seal(net.now, &mut m, mac_offsets::INITIATION_MAC1);
+        net.inject(attacker, 1, &m);
+    }
+    let s = net.nodes[1].dev.stats().clone();
+    assert!(
+        s.cookie_replies_sent <= 2,
+        "{} cookie replies to one source in an instant",
+        s.cookie_replies_sent
+    );
+    assert_eq!(s.drops.get(DropReason::RateLimited) + s.drops.get(DropReason::CookieRequired), 1000);
+    // The legitimate peer, at its own address, still gets its cookie and its session.
+    net.send(0, 1, b"still here");
+    net.run_for(secs(7));
+    assert_eq!(net.take_delivered(1), vec![b"still here".to_vec()]);
+}
+
+#[test]
 fn both_sides_initiating_at_once_converge() {
     let mut net = Net::pair(17);
     net.send(0, 1, b"from a");

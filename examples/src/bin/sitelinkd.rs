@@ -27,6 +27,10 @@ struct Args {
     /// I/O backend: uring (falls back to mmsg where io_uring is unavailable) or mmsg.
     #[arg(long, default_value = "uring", env = "SITELINK_BACKEND")]
     backend: BackendKind,
+    /// For tests and fault drills: multiply every protocol timer by this (0.025 rekeys every
+    /// 3 s). Both ends must agree. Never use it on a production link.
+    #[arg(long, env = "SITELINK_TEST_TIME_SCALE", hide = true)]
+    time_scale: Option<f64>,
     /// Tunnel MTU set on a newly created interface.
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
@@ -72,6 +76,7 @@ fn daemonize(args: &Args) -> ExitCode {
         .arg(args.backend.name())
         .arg("--mtu")
         .arg(args.mtu.to_string())
+        .args(args.time_scale.map(|f| format!("--time-scale={f}")))
         .arg(&args.ifname)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -141,11 +146,12 @@ fn run(args: &Args) -> Result<(), String> {
             (l, SocketFile(Some(path)))
         }
     };
-    let link = LinkBuilder::unkeyed()
-        .backend(args.backend)
-        .mtu(mtu)
-        .start_tun(tun)
-        .map_err(|e| format!("starting the link: {e}"))?;
+    let mut builder = LinkBuilder::unkeyed().backend(args.backend).mtu(mtu);
+    if let Some(f) = args.time_scale {
+        tracing::warn!(factor = f, "protocol timers scaled for testing");
+        builder = builder.timing(sitelink::Timing::scaled(f));
+    }
+    let link = builder.start_tun(tun).map_err(|e| format!("starting the link: {e}"))?;
     tracing::info!(interface = %ifname, backend = link.backend().name(), port = link.port(), "sitelinkd running");
     let link = Arc::new(link);
     uapi::serve(Arc::clone(&link), listener).map_err(|e| format!("starting the UAPI server: {e}"))?;
@@ -161,7 +167,13 @@ fn run(args: &Args) -> Result<(), String> {
     }
     link.shutdown();
     let stats = link.stats();
-    tracing::info!(drops = ?stats.device.drops, io = ?stats.io, "final counters");
+    tracing::info!(
+        sessions = stats.device.sessions_established,
+        cookie_replies = stats.device.cookie_replies_sent,
+        drops = ?stats.device.drops,
+        io = ?stats.io,
+        "final counters"
+    );
     drop(socket_file);
     Ok(())
 }

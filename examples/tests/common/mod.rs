@@ -1,0 +1,359 @@
+//! Shared helpers of the netns tests: two namespaces joined by a veth pair, one WireGuard
+//! implementation in each, configured with `wg`; torn down on drop.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const SITELINKD: &str = env!("CARGO_BIN_EXE_sitelinkd");
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Impl {
+    Sitelink(&'static str),
+    WireguardGo,
+    Boringtun,
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether the test can run here; explains loudly when not (and fails under CI).
+pub fn can_run(needs: &[&str]) -> bool {
+    let mut missing: Vec<String> = needs.iter().filter(|p| !have(p)).map(|p| (*p).to_owned()).collect();
+    if !sitelink_io::is_root() {
+        missing.push("root".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("netns test cannot run: missing {}", missing.join(", "));
+    if in_ci() {
+        panic!("{msg} (CI=true: netns tests may not skip)");
+    }
+    eprintln!("\n*** SKIPPED: {msg} ***\n");
+    false
+}
+
+pub fn sh(cmd: &str) -> (bool, String) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+pub fn must(cmd: &str) -> String {
+    let (ok, text) = sh(cmd);
+    assert!(ok, "`{cmd}` failed: {text}");
+    text
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Two namespaces, a veth pair between them and one WireGuard implementation in each.
+/// Everything is torn down on drop.
+pub struct Pair {
+    pub ns: [String; 2],
+    pub ifname: [String; 2],
+    pub procs: [Option<Child>; 2],
+    pub env: Vec<(String, String)>,
+    /// The veth ends, in namespace A and B.
+    pub veth: [String; 2],
+    /// Private and public keys (base64) set by `configure`.
+    pub keys: [String; 2],
+    pub pubs: [String; 2],
+    /// The endpoint each side is told its peer has.
+    pub endpoints: [String; 2],
+}
+
+impl Pair {
+    pub fn new() -> Pair {
+        let id = format!("{}{}", std::process::id() % 10_000, NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let pair = Pair {
+            ns: [format!("slA{id}"), format!("slB{id}")],
+            ifname: [format!("sla{id}"), format!("slb{id}")],
+            procs: [None, None],
+            env: Vec::new(),
+            veth: [format!("va{id}"), format!("vb{id}")],
+            keys: Default::default(),
+            pubs: Default::default(),
+            endpoints: ["10.201.0.2:51820".into(), "10.201.0.1:51820".into()],
+        };
+        let [a, b] = &pair.ns;
+        must(&format!("ip netns add {a} && ip netns add {b}"));
+        must(&format!("ip link add va{id} type veth peer name vb{id}"));
+        must(&format!("ip link set va{id} netns {a} && ip link set vb{id} netns {b}"));
+        must(&format!(
+            "ip -n {a} addr add 10.201.0.1/24 dev va{id} && ip -n {b} addr add 10.201.0.2/24 dev vb{id}"
+        ));
+        for (n, v) in [(a, format!("va{id}")), (b, format!("vb{id}"))] {
+            must(&format!("ip -n {n} link set lo up && ip -n {n} link set {v} up"));
+        }
+        pair
+    }
+
+    pub fn socket(&self, side: usize) -> String {
+        format!("/var/run/wireguard/{}.sock", self.ifname[side])
+    }
+
+    pub fn start(&mut self, side: usize, imp: Impl) {
+        let (ns, ifname) = (&self.ns[side], &self.ifname[side]);
+        let log = std::fs::File::create(format!("/tmp/netns-test-{ifname}.log")).expect("log file");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]);
+        match imp {
+            Impl::Sitelink(backend) => {
+                cmd.args([SITELINKD, "-f", "--backend", backend, ifname]).env("LOG_LEVEL", "debug");
+            }
+            Impl::WireguardGo => {
+                cmd.args(["wireguard-go", "-f", ifname]).env("WG_PROCESS_FOREGROUND", "1");
+            }
+            Impl::Boringtun => {
+                cmd.args(["boringtun-cli", "-f", "--disable-drop-privileges", "-t", "1", ifname])
+                    .env("WG_SUDO", "1");
+            }
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let child =
+            cmd.stdout(log.try_clone().expect("log")).stderr(log).spawn().expect("start implementation");
+        self.procs[side] = Some(child);
+        let start = Instant::now();
+        while !std::path::Path::new(&self.socket(side)).exists() {
+            assert!(start.elapsed() < Duration::from_secs(10), "{imp:?} did not open {}", self.socket(side));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn ns_exec(&self, side: usize, cmd: &str) -> String {
+        must(&format!("ip netns exec {} {cmd}", self.ns[side]))
+    }
+
+    /// Keys, ports, peers and addresses: tunnel 10.202.0.1 <-> 10.202.0.2.
+    pub fn configure(&mut self) {
+        for side in 0..2 {
+            self.keys[side] = must("wg genkey").trim().to_owned();
+            self.pubs[side] = must(&format!("echo {} | wg pubkey", self.keys[side])).trim().to_owned();
+        }
+        for side in 0..2 {
+            self.configure_side(side);
+        }
+    }
+
+    /// Configures one side with the keys and endpoints already chosen (again after a restart).
+    pub fn configure_side(&self, side: usize) {
+        let other = 1 - side;
+        let keyfile = format!("/tmp/netns-test-{}.key", self.ifname[side]);
+        std::fs::write(&keyfile, &self.keys[side]).expect("key file");
+        self.ns_exec(
+            side,
+            &format!(
+                "wg set {} private-key {keyfile} listen-port 51820 peer {} allowed-ips 10.202.0.{}/32 endpoint {}",
+                self.ifname[side],
+                self.pubs[other],
+                other + 1,
+                self.endpoints[side],
+            ),
+        );
+        let _ = std::fs::remove_file(&keyfile);
+        self.ns_exec(side, &format!("ip addr add 10.202.0.{}/24 dev {}", side + 1, self.ifname[side]));
+        self.ns_exec(side, &format!("ip link set {} mtu 1420 up", self.ifname[side]));
+    }
+
+    /// Pings the other side's tunnel address from `side` until it answers or `limit` passes;
+    /// returns how long it took.
+    pub fn ping_until(&self, side: usize, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let (ok, _) =
+                sh(&format!("ip netns exec {} ping -c 1 -W 1 10.202.0.{}", self.ns[side], 2 - side));
+            if ok {
+                return Some(start.elapsed());
+            }
+        }
+        None
+    }
+
+    /// iperf3 TCP from `from` to the other side for `secs`: Gbit/s received.
+    pub fn tcp_gbps(&self, from: usize, secs: u32) -> f64 {
+        let to = 1 - from;
+        self.ns_exec(to, "iperf3 -s -1 -D");
+        std::thread::sleep(Duration::from_millis(300));
+        let out = self.ns_exec(from, &format!("iperf3 -c 10.202.0.{} -t {secs} -J", to + 1));
+        let key = "\"bits_per_second\":";
+        // The last bits_per_second in the JSON is the receiver's summary.
+        let v = out.rsplit(key).next().and_then(|s| s.trim_start().split([',', '\n', '}']).next());
+        v.and_then(|v| v.trim().parse::<f64>().ok()).map(|b| b / 1e9).expect("iperf3 result")
+    }
+
+    /// Sends `count` numbered, checksummed UDP datagrams from `from` to the other side at about
+    /// `per_second`, and returns what the receiver saw: (received, duplicates, corrupted).
+    pub fn udp_stream_checked(&self, from: usize, count: u32, per_second: u32) -> (u32, u32, u32) {
+        let to = 1 - from;
+        let receiver = r#"
+import socket, hashlib
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.202.0.TO", 6000))
+s.settimeout(3)
+seen = set(); dup = 0; bad = 0
+while True:
+    try:
+        d = s.recv(2048)
+    except socket.timeout:
+        break
+    body = d[:-16]
+    if hashlib.sha256(body).digest()[:16] != d[-16:]:
+        bad += 1
+        continue
+    seq = int.from_bytes(body[:8], "big")
+    if seq in seen:
+        dup += 1
+    seen.add(seq)
+print(len(seen), dup, bad)
+"#
+        .replace("TO", &(to + 1).to_string());
+        let sender = r#"
+import socket, hashlib, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+gap = 1.0 / RATE
+t = time.time()
+for i in range(COUNT):
+    body = i.to_bytes(8, "big") + bytes((i * 31 + k) % 251 for k in range(200))
+    s.sendto(body + hashlib.sha256(body).digest()[:16], ("10.202.0.TO", 6000))
+    t += gap
+    time.sleep(max(0, t - time.time()))
+"#
+        .replace("TO", &(to + 1).to_string())
+        .replace("RATE", &per_second.to_string())
+        .replace("COUNT", &count.to_string());
+        let rx = Command::new("ip")
+            .args(["netns", "exec", &self.ns[to], "python3", "-c", &receiver])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("receiver");
+        std::thread::sleep(Duration::from_millis(300));
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.ns[from], "python3", "-c", &sender])
+            .status()
+            .expect("sender");
+        assert!(status.success(), "UDP sender failed");
+        let out = rx.wait_with_output().expect("receiver output");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Vec<u32> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        assert_eq!(v.len(), 3, "receiver said {text:?}");
+        (v[0], v[1], v[2])
+    }
+
+    /// Counters from `wg show IFNAME transfer` on `side`: (rx, tx).
+    pub fn transfer(&self, side: usize) -> (u64, u64) {
+        let out = self.ns_exec(side, &format!("wg show {} transfer", self.ifname[side]));
+        let f: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(f.len(), 3, "wg show transfer: {out}");
+        (f[1].parse().expect("rx"), f[2].parse().expect("tx"))
+    }
+
+    pub fn latest_handshake(&self, side: usize) -> u64 {
+        let out = self.ns_exec(side, &format!("wg show {} latest-handshakes", self.ifname[side]));
+        out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    }
+
+    /// Sends `bytes` of a deterministic stream over TCP from `from` to the other side and
+    /// checks that the receiver got exactly it (length and SHA-256).
+    pub fn tcp_transfer_checked(&self, from: usize, bytes: usize) {
+        let to = 1 - from;
+        let port = 5201 + from;
+        let server = format!(
+            "ip netns exec {} python3 -c 'import socket,hashlib\n\
+             s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((\"10.202.0.{}\", {port})); s.listen(1); s.settimeout(20)\n\
+             c,_=s.accept(); c.settimeout(20); h=hashlib.sha256(); n=0\n\
+             while True:\n  d=c.recv(1<<16)\n  if not d: break\n  h.update(d); n+=len(d)\n\
+             print(n, h.hexdigest())'",
+            self.ns[to],
+            to + 1
+        );
+        let srv = Command::new("sh").arg("-c").arg(server).stdout(Stdio::piped()).spawn().expect("server");
+        std::thread::sleep(Duration::from_millis(300));
+        let client = format!(
+            "ip netns exec {} python3 -c 'import socket,hashlib,time\n\
+             block=bytes((i*7+3)%251 for i in range(65536)); total={bytes}; h=hashlib.sha256(); sent=0\n\
+             for t in range(40):\n  try:\n    s=socket.create_connection((\"10.202.0.{}\", {port}), timeout=2); break\n  except OSError: time.sleep(0.1)\n\
+             s.settimeout(30)\n\
+             while sent<total:\n  b=block[:min(len(block), total-sent)]; s.sendall(b); h.update(b); sent+=len(b)\n\
+             s.close(); print(sent, h.hexdigest())'",
+            self.ns[from],
+            to + 1
+        );
+        let sent = must(&client);
+        let out = srv.wait_with_output().expect("server output");
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(got.trim(), sent.trim(), "TCP stream content differs: sent {sent:?}, received {got:?}");
+        assert!(sent.starts_with(&bytes.to_string()), "sent {sent}");
+    }
+}
+
+impl Pair {
+    /// The log file of side `side`'s implementation.
+    pub fn log_path(&self, side: usize) -> String {
+        format!("/tmp/netns-test-{}.log", self.ifname[side])
+    }
+
+    /// Stops side `side`'s implementation (SIGTERM, then SIGKILL after 3 s).
+    pub fn stop(&mut self, side: usize) {
+        if let Some(mut p) = self.procs[side].take() {
+            let _ = Command::new("kill").arg(p.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && matches!(p.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+
+    /// Stops sitelinkd on `side` and returns the final counters line it logged.
+    pub fn stop_and_read_counters(&mut self, side: usize) -> String {
+        self.stop(side);
+        let log = std::fs::read_to_string(self.log_path(side)).expect("log");
+        log.lines().rev().find(|l| l.contains("final counters")).expect("final counters logged").to_owned()
+    }
+
+    /// The process id of side `side`'s implementation.
+    pub fn pid(&self, side: usize) -> u32 {
+        self.procs[side].as_ref().expect("running").id()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for side in 0..2 {
+            self.stop(side);
+        }
+        for ns in &self.ns {
+            let _ = sh(&format!("ip netns del {ns}"));
+        }
+        for side in 0..2 {
+            let _ = std::fs::remove_file(self.socket(side));
+        }
+    }
+}
+
+pub fn needs(imp: Impl) -> Vec<&'static str> {
+    let mut n = vec!["ip", "wg", "python3"];
+    match imp {
+        Impl::WireguardGo => n.push("wireguard-go"),
+        Impl::Boringtun => n.push("boringtun-cli"),
+        Impl::Sitelink(_) => {}
+    }
+    n
+}
