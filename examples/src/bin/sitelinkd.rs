@@ -129,8 +129,7 @@ fn run(args: &Args) -> Result<(), String> {
     let tun = match env_fd("WG_TUN_FD")? {
         Some(fd) => Tun::from_raw_inherited(fd).map_err(|e| format!("WG_TUN_FD: {e}"))?,
         None => {
-            let tun =
-                Tun::open(&args.ifname, false).map_err(|e| format!("creating TUN {}: {e}", args.ifname))?;
+            let tun = open_tun(&args.ifname).map_err(|e| format!("creating TUN {}: {e}", args.ifname))?;
             tun.set_mtu(args.mtu).map_err(|e| format!("setting the MTU of {}: {e}", tun.name()))?;
             tun
         }
@@ -176,6 +175,21 @@ fn run(args: &Args) -> Result<(), String> {
     );
     drop(socket_file);
     Ok(())
+}
+
+/// Opens the TUN interface, waiting a little while it is still held by a process that just
+/// exited (the kernel may release it asynchronously).
+fn open_tun(name: &str) -> std::io::Result<Tun> {
+    const EBUSY: i32 = 16;
+    let start = Instant::now();
+    loop {
+        match Tun::open(name, false) {
+            Err(e) if e.raw_os_error() == Some(EBUSY) && start.elapsed() < Duration::from_secs(3) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn adopt_listener(fd: i32) -> Result<UnixListener, String> {

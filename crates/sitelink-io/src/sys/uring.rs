@@ -617,4 +617,40 @@ impl PacketIo for UringIo {
     }
 }
 
+impl UringIo {
+    /// Requests still in flight.
+    fn outstanding(&self) -> usize {
+        self.tun_reads.iter().filter(|b| b.is_some()).count()
+            + self.tun_writes.iter().filter(|b| b.is_some()).count()
+            + (self.sends.len() - self.sends_free.len())
+            + usize::from(self.recv_armed)
+            + usize::from(self.wake_armed)
+    }
+}
+
+impl Drop for UringIo {
+    /// Cancels every request in flight and waits (up to a second) for their completions, then
+    /// releases the registered files: when this returns, the kernel holds no buffer of ours
+    /// and no reference to the TUN device, so a restarted daemon can attach to it at once.
+    fn drop(&mut self) {
+        let cancel =
+            opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any()).build().user_data(ud(CANCEL, 0));
+        // SAFETY: a cancel request carries no buffers.
+        if unsafe { self.push(&cancel) }.is_ok() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while self.outstanding() > 0 && std::time::Instant::now() < deadline {
+                let ts = Timespec::from(Duration::from_millis(50));
+                let args = SubmitArgs::new().timespec(&ts);
+                if let Err(e) = self.ring.submitter().submit_with_args(1, &args)
+                    && !matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY))
+                {
+                    break;
+                }
+                self.reap();
+            }
+        }
+        let _ = self.ring.submitter().unregister_files();
+    }
+}
+
 const _: () = assert!(RECV_PREFIX <= DEFAULT_HEADROOM, "the pool's headroom holds the recvmsg prefix");
