@@ -260,3 +260,42 @@ fn deleting_the_interface_stops_sitelinkd_cleanly() {
     assert!(status.success(), "exit status {status}");
     assert!(!std::path::Path::new(&socket).exists(), "UAPI socket left behind");
 }
+
+#[test]
+fn config_file_configures_the_link_and_a_readable_key_is_warned_about() {
+    let _serial = serial();
+    if !can_run(&needs(Impl::Sitelink("mmsg"))) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut pair = Pair::new();
+    for side in 0..2 {
+        pair.keys[side] = must("wg genkey").trim().to_owned();
+        pair.pubs[side] = must(&format!("echo {} | wg pubkey", pair.keys[side])).trim().to_owned();
+    }
+    // Side A is configured from a wg-quick file that everyone may read.
+    let path = format!("/tmp/netns-test-{}.conf", pair.ifname[0]);
+    std::fs::write(
+        &path,
+        format!(
+            "[Interface]\nPrivateKey = {}\nListenPort = 51820\n\n[Peer]\nPublicKey = {}\n\
+             AllowedIPs = 10.202.0.2/32\nEndpoint = 10.201.0.2:51820\n",
+            pair.keys[0], pair.pubs[1]
+        ),
+    )
+    .expect("config file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    pair.extra_args[0] = vec!["--config".into(), path.clone()];
+    pair.start(0, Impl::Sitelink("uring"));
+    pair.start(1, Impl::Sitelink("mmsg"));
+    pair.ns_exec(0, &format!("ip addr add 10.202.0.1/24 dev {}", pair.ifname[0]));
+    pair.ns_exec(0, &format!("ip link set {} mtu 1420 up", pair.ifname[0]));
+    pair.configure_side(1);
+    assert!(pair.ping_until(0, Duration::from_secs(10)).is_some(), "link from the config file");
+    let shown = pair.ns_exec(0, &format!("wg show {} listen-port", pair.ifname[0]));
+    assert_eq!(shown.trim(), "51820");
+    let log = std::fs::read_to_string(pair.log_path(0)).expect("log");
+    let _ = std::fs::remove_file(&path);
+    assert!(log.contains("readable by others"), "no warning about the key file: {log}");
+    assert!(!log.contains(pair.keys[0].as_str()), "the key itself is in the log");
+}

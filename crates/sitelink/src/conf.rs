@@ -75,6 +75,26 @@ enum Section {
     Peer,
 }
 
+/// Reads a wg-quick style file from disk (endpoint names resolved). Returns the configuration
+/// and warnings for the operator: a file holding a private key that group or others may read
+/// is one (as `wg` warns).
+pub fn load(path: &std::path::Path) -> Result<(Config, Vec<String>), ConfError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io_err = |e: std::io::Error| ConfError { line: 0, message: format!("{}: {e}", path.display()) };
+    let text = std::fs::read_to_string(path).map_err(io_err)?;
+    let mode = std::fs::metadata(path).map_err(io_err)?.permissions().mode();
+    let config = parse_resolving(&text)?;
+    let mut warnings = Vec::new();
+    if config.interface.private_key.is_some() && mode & 0o077 != 0 {
+        warnings.push(format!(
+            "{} holds a private key and is readable by others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        ));
+    }
+    Ok((config, warnings))
+}
+
 /// Parses a wg-quick style file whose endpoints are numeric (`ip:port`, `[ipv6]:port`).
 pub fn parse(text: &str) -> Result<Config, ConfError> {
     parse_with(text, false)
@@ -226,6 +246,38 @@ mod tests {
         assert_eq!(c.peers[0].allowed_ips.len(), 2);
         assert_eq!(c.peers[0].persistent_keepalive, Some(Duration::from_secs(25)));
         assert!(c.into_builder().is_ok());
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("sitelink-conf-test-{}.conf", std::process::id()));
+        std::fs::write(&path, format!("[Interface]\nPrivateKey = {KEY}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (_, warnings) = load(&path).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("644"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let (config, warnings) = load(&path).unwrap();
+        assert!(warnings.is_empty());
+        assert!(config.interface.private_key.is_some());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(load(&path).unwrap_err().line, 0);
+    }
+
+    #[test]
+    fn no_key_shows_in_debug_output() {
+        let text = format!(
+            "[Interface]\nPrivateKey = {KEY}\n[Peer]\nPublicKey = {PUB}\nPresharedKey = {KEY}\nAllowedIPs = 10.0.0.2/32\n"
+        );
+        let config = parse(&text).unwrap();
+        let key = PrivateKey::from_base64(KEY).unwrap();
+        let builder = config.clone().into_builder().unwrap();
+        for shown in [format!("{config:?}"), format!("{builder:?}"), format!("{:?}", config.peers)] {
+            assert!(!shown.contains(KEY), "base64 key in {shown}");
+            assert!(!shown.contains(&key.to_hex()), "hex key in {shown}");
+            assert!(!shown.contains(&format!("{:?}", key.as_bytes())), "key bytes in {shown}");
+        }
     }
 
     #[test]

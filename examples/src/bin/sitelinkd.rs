@@ -31,6 +31,10 @@ struct Args {
     /// 3 s). Both ends must agree. Never use it on a production link.
     #[arg(long, env = "SITELINK_TEST_TIME_SCALE", hide = true)]
     time_scale: Option<f64>,
+    /// A wg-quick style file to configure the link from at start (`wg setconf` can change it
+    /// later). A file that others may read is warned about.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Tunnel MTU set on a newly created interface.
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
@@ -77,6 +81,7 @@ fn daemonize(args: &Args) -> ExitCode {
         .arg("--mtu")
         .arg(args.mtu.to_string())
         .args(args.time_scale.map(|f| format!("--time-scale={f}")))
+        .args(args.config.iter().flat_map(|c| [std::ffi::OsString::from("--config"), c.clone().into()]))
         .arg(&args.ifname)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -151,6 +156,9 @@ fn run(args: &Args) -> Result<(), String> {
         builder = builder.timing(sitelink::Timing::scaled(f));
     }
     let link = builder.start_tun(tun).map_err(|e| format!("starting the link: {e}"))?;
+    if let Some(path) = &args.config {
+        apply_config(&link, path)?;
+    }
     tracing::info!(interface = %ifname, backend = link.backend().name(), port = link.port(), "sitelinkd running");
     let link = Arc::new(link);
     uapi::serve(Arc::clone(&link), listener).map_err(|e| format!("starting the UAPI server: {e}"))?;
@@ -174,6 +182,28 @@ fn run(args: &Args) -> Result<(), String> {
         "final counters"
     );
     drop(socket_file);
+    Ok(())
+}
+
+/// Configures `link` from a wg-quick style file.
+fn apply_config(link: &sitelink::Link, path: &std::path::Path) -> Result<(), String> {
+    let (config, warnings) = sitelink::conf::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let ifc = config.interface;
+    if let Some(key) = ifc.private_key {
+        link.set_private_key(key);
+    }
+    if let Some(port) = ifc.listen_port {
+        link.set_listen_port(port).map_err(|e| format!("ListenPort {port}: {e}"))?;
+    }
+    if let Some(mark) = ifc.fwmark {
+        link.set_fwmark(mark);
+    }
+    for peer in config.peers {
+        link.set_peer(peer).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     Ok(())
 }
 

@@ -67,6 +67,8 @@ pub struct Pair {
     pub ifname: [String; 2],
     pub procs: [Option<Child>; 2],
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments for sitelinkd, per side.
+    pub extra_args: [Vec<String>; 2],
     /// The veth ends, in namespace A and B.
     pub veth: [String; 2],
     /// Private and public keys (base64) set by `configure`.
@@ -84,6 +86,7 @@ impl Pair {
             ifname: [format!("sla{id}"), format!("slb{id}")],
             procs: [None, None],
             env: Vec::new(),
+            extra_args: Default::default(),
             veth: [format!("va{id}"), format!("vb{id}")],
             keys: Default::default(),
             pubs: Default::default(),
@@ -113,7 +116,10 @@ impl Pair {
         cmd.args(["netns", "exec", ns]);
         match imp {
             Impl::Sitelink(backend) => {
-                cmd.args([SITELINKD, "-f", "--backend", backend, ifname]).env("LOG_LEVEL", "debug");
+                cmd.args([SITELINKD, "-f", "--backend", backend])
+                    .args(&self.extra_args[side])
+                    .arg(ifname)
+                    .env("LOG_LEVEL", "debug");
             }
             Impl::WireguardGo => {
                 cmd.args(["wireguard-go", "-f", ifname]).env("WG_PROCESS_FOREGROUND", "1");
