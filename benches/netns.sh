@@ -1,23 +1,45 @@
 #!/usr/bin/env bash
-# The project's head-to-head: sitelinkd, wireguard-go and boringtun, each at both ends of a
-# tunnel between two network namespaces, configured with `wg`, measured in the same run.
-# Prints one table: TCP Gbit/s (iperf3), 64-byte UDP datagrams/s delivered (iperf3 -l 64:
-# the generator itself tops out near 90,000/s here, so this column bounds from below),
-# idle ping RTT, and peak RSS of each end. Needs root and ../shared/bench (the common harness).
+# The project's head-to-head: sitelinkd (each backend), wireguard-go and boringtun, each at
+# both ends of a tunnel between two network namespaces, configured with `wg` through the
+# common harness's helpers, measured in the same run. Prints one table:
+#   tcp_Gbps   iperf3 TCP through the tunnel for SECONDS
+#   udp64_pps  64-byte UDP datagrams per second delivered through the tunnel, sent as fast as
+#              one sender thread can by our own generator (udprate: iperf3 tops out near
+#              90,000/s here, far below what the tunnels carry)
+#   ping_us    idle ping RTT (50 pings at 20 ms)
+#   rss        peak RSS of each end
+# Needs root, ../shared/bench, iperf3, wireguard-go, wireguard-tools, boringtun-cli.
 # usage: sudo benches/netns.sh [seconds]
 set -u
 cd "$(dirname "$0")/.."
 T=${1:-8}
-H=../shared/bench/peer-tunnel.sh
-[ -f "$H" ] || { echo "missing $H"; exit 1; }
-cargo build --release --quiet --bin sitelinkd || exit 1
+. ../shared/bench/netns-lib.sh || exit 1
+cargo build --release --quiet --bin sitelinkd --bin udprate || exit 1
 export SITELINKD=$PWD/target/release/sitelinkd
-printf '%-16s %10s %12s %12s %10s %10s\n' impl tcp_Gbps udp64_pps ping_us rssA_KiB rssB_KiB
-for impl in sitelink wireguard-go boringtun; do
-  tcp=$(NL_ID=$((RANDOM % 9000 + 1000)) bash $H $impl $impl $T tcp)
-  udp=$(NL_ID=$((RANDOM % 9000 + 1000)) bash $H $impl $impl $T udp64)
-  png=$(NL_ID=$((RANDOM % 9000 + 1000)) bash $H $impl $impl 1 ping)
-  rss=$(echo "$tcp" | grep -oE 'rss[AB]_KiB=[0-9]*' | cut -d= -f2 | tr '\n' ' ')
-  printf '%-16s %10s %12s %12s %10s %10s\n' $impl "$(echo $tcp | awk '{print $4}')" \
-    "$(echo $udp | awk '{print $4}')" "$(echo $png | awk '{print $4}')" $rss
-done
+UDPRATE=$PWD/target/release/udprate
+
+measure() { # label impl [backend]
+  (
+    NL_ID=$((RANDOM % 9000 + 1000)); NA=nlA$NL_ID; NB=nlB$NL_ID; IA=wa$NL_ID; IB=wb$NL_ID; NL_PIDS=()
+    trap nl_cleanup EXIT
+    export SITELINK_BACKEND=${3:-uring}
+    nl_link $2 $2 >/dev/null 2>&1 || { printf '%-16s setup FAILED\n' "$1"; exit 0; }
+    ip netns exec $NA ping -c 3 -i 0.2 -W 2 -q 10.88.0.2 >/dev/null 2>&1
+    tcp=$(nl_tcp_gbps $T)
+    ip netns exec $NB $UDPRATE recv 10.88.0.2:7000 $((T + 2)) >/tmp/udprate.$NL_ID 2>&1 &
+    rpid=$!
+    sleep 0.5
+    ip netns exec $NA $UDPRATE send 10.88.0.2:7000 $T 64 1 >/dev/null 2>&1
+    wait $rpid
+    udp=$(grep -oE 'received_pps=[0-9]+' /tmp/udprate.$NL_ID | cut -d= -f2); rm -f /tmp/udprate.$NL_ID
+    png=$(ip netns exec $NA ping -c 50 -i 0.02 -q 10.88.0.2 | awk -F/ '/rtt/{printf "%.0f", $5*1000}')
+    printf '%-16s %10s %12s %10s %10s %10s\n' "$1" "$tcp" "${udp:-FAILED}" "${png:-FAILED}" \
+      "$(nl_rss $PIDA)" "$(nl_rss $PIDB)"
+  )
+}
+
+printf '%-16s %10s %12s %10s %10s %10s\n' impl tcp_Gbps udp64_pps ping_us rssA_KiB rssB_KiB
+measure sitelink-uring sitelink uring
+measure sitelink-mmsg sitelink mmsg
+measure wireguard-go wireguard-go
+measure boringtun boringtun

@@ -120,6 +120,11 @@ impl PacketPipe {
         sys::read(self.fd.as_fd(), buf)
     }
 
+    /// Another handle on the same end (for a reader thread beside a writer).
+    pub fn try_clone(&self) -> io::Result<PacketPipe> {
+        Ok(PacketPipe { fd: self.fd.try_clone()? })
+    }
+
     /// Makes [`recv`](Self::recv) give up with `WouldBlock` after `timeout`.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         sys::set_recv_timeout(self.fd.as_fd(), timeout)

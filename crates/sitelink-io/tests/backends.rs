@@ -76,7 +76,7 @@ fn datagrams_both_ways(kind: BackendKind) {
         r.peer.send_to(&[i; 100], to).expect("send");
     }
     let got = r.recv(100);
-    assert_eq!(got.len(), 100);
+    assert_eq!(got.len(), 100, "{:?}", r.io.stats());
     let me = r.peer.local_addr().expect("addr");
     for (i, d) in got.iter().enumerate() {
         assert_eq!(d.addr, me);
@@ -160,6 +160,48 @@ fn replace_socket(kind: BackendKind) {
     assert_eq!(got[0].buf.data(), b"after");
 }
 
+/// A sustained flood through receive and write-out keeps the buffers in circulation bounded
+/// (the io_uring backend once let its receive backlog grow without bound under overload).
+fn flood_keeps_buffers_bounded(kind: BackendKind) {
+    let Some(mut r) = rig(kind) else { return };
+    let to = r.addr();
+    let sender = std::thread::spawn(move || {
+        let s = StdUdp::bind("127.0.0.1:0").expect("bind");
+        let end = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < end {
+            for _ in 0..100 {
+                let _ = s.send_to(&[0u8; 64], to);
+            }
+        }
+    });
+    let app = r.app.try_clone().expect("clone");
+    let reader = std::thread::spawn(move || {
+        app.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        let mut b = [0u8; 2048];
+        let mut n = 0u64;
+        while app.recv(&mut b).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    let mut datagrams: Vec<Datagram> = Vec::new();
+    let mut packets: Vec<PacketBuf> = Vec::new();
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        r.io.wait(Some(Duration::from_millis(10))).expect("wait");
+        r.io.recv_datagrams(&mut r.pool, &mut datagrams).expect("recv");
+        packets.extend(datagrams.drain(..).map(|d| d.buf));
+        r.io.write_packets(&mut packets, &mut r.pool).expect("write");
+        r.io.read_packets(&mut r.pool, &mut packets).expect("read");
+    }
+    sender.join().expect("sender");
+    let delivered = reader.join().expect("reader");
+    let s = r.io.stats();
+    assert!(s.udp_rx > 10_000, "the flood arrived: {s:?}");
+    assert!(delivered > 0);
+    assert!(r.pool.allocated() < 4096, "{} buffers allocated for {} datagrams", r.pool.allocated(), s.udp_rx);
+}
+
 macro_rules! suite {
     ($($name:ident: $kind:expr;)*) => {
         mod suite {
@@ -171,6 +213,7 @@ macro_rules! suite {
                     #[test] fn packets() { packets_both_ways($kind) }
                     #[test] fn waker_and_truncation() { super::waker_and_truncation($kind) }
                     #[test] fn replace_socket() { super::replace_socket($kind) }
+                    #[test] fn flood_keeps_buffers_bounded() { super::flood_keeps_buffers_bounded($kind) }
                 }
             )*
         }

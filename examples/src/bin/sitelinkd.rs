@@ -174,8 +174,12 @@ fn run(args: &Args) -> Result<(), String> {
     }
     link.shutdown();
     let stats = link.stats();
+    let (buffers, free_buffers) =
+        link.with_device(|dev, _| (dev.pool_mut().allocated(), dev.pool_mut().free_len()));
     tracing::info!(
         sessions = stats.device.sessions_established,
+        buffers,
+        free_buffers,
         cookie_replies = stats.device.cookie_replies_sent,
         drops = ?stats.device.drops,
         io = ?stats.io,

@@ -4,8 +4,9 @@
 //!   [`PacketBuf`]s, offered so that the kernel's `io_uring_recvmsg_out` header and the source
 //!   address land in the headroom and the datagram at the buffer's normal data offset: the
 //!   engine gets the very memory the kernel wrote, with no copy.
-//! * TUN: `batch` reads kept in flight, each into a pooled buffer (its tailroom left free for
-//!   padding and tag); writes queued as SQEs.
+//! * TUN: one multishot read over a second buffer ring of pooled buffers (offered at their
+//!   data offset, their tailroom kept free for padding and tag): the kernel reads each packet
+//!   as it arrives, with no poll-then-read round trip; writes queued as SQEs.
 //! * Sends: one `sendmsg` SQE per group of datagrams, with `UDP_SEGMENT` (GSO) for runs of
 //!   equal datagrams to one address, the iovecs pointing at the sealed buffers.
 //! * Everything queued during a turn goes to the kernel with the next [`wait`]: one
@@ -47,8 +48,9 @@ const CANCEL: u64 = 6;
 const FILE_TUN: u32 = 0;
 const FILE_UDP: u32 = 1;
 
-/// The provided-buffer group id of the UDP buffer ring.
-const BGID: u16 = 7;
+/// Provided-buffer group ids of the UDP and TUN buffer rings.
+const BGID_UDP: u16 = 7;
+const BGID_TUN: u16 = 8;
 
 /// Bytes the kernel puts before a multishot `recvmsg` payload: the 16-byte
 /// `io_uring_recvmsg_out` header and the address (we ask for a `sockaddr_in6`).
@@ -65,6 +67,7 @@ pub(crate) fn probe() -> io::Result<()> {
     ring.submitter().register_probe(&mut probe)?;
     for (op, name) in [
         (opcode::RecvMsgMulti::CODE, "multishot recvmsg"),
+        (opcode::ReadMulti::CODE, "multishot read"),
         (opcode::SendMsg::CODE, "sendmsg"),
         (opcode::Read::CODE, "read"),
         (opcode::Write::CODE, "write"),
@@ -130,6 +133,62 @@ impl Drop for BufRing {
     }
 }
 
+/// Pooled buffers lent to the kernel through a buffer ring, by buffer id.
+struct Provided {
+    ring: BufRing,
+    bgid: u16,
+    /// Each buffer is offered this many bytes before its usual data offset (room for what the
+    /// kernel writes ahead of the payload).
+    prefix: usize,
+    /// Bytes at the end of each buffer not offered (tailroom kept for padding and tag).
+    keep_tail: usize,
+    bufs: Vec<Option<PacketBuf>>,
+    to_provide: Vec<u16>,
+}
+
+impl Provided {
+    fn new(entries: u16, bgid: u16, prefix: usize, keep_tail: usize) -> io::Result<Provided> {
+        Ok(Provided {
+            ring: BufRing::new(entries)?,
+            bgid,
+            prefix,
+            keep_tail,
+            bufs: (0..entries).map(|_| None).collect(),
+            to_provide: (0..entries).collect(),
+        })
+    }
+
+    /// Lends a fresh pool buffer for every consumed id.
+    fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
+        let mut pushed = false;
+        while let Some(bid) = self.to_provide.pop() {
+            let mut buf = pool.get();
+            if buf.headroom() < self.prefix {
+                pool.put(buf);
+                self.to_provide.push(bid);
+                return Err(io::Error::other("pool buffers lack headroom for io_uring receives"));
+            }
+            buf.reset(buf.headroom() - self.prefix);
+            let spare = buf.spare_mut();
+            let len = spare.len().saturating_sub(self.keep_tail);
+            self.ring.push(spare.as_mut_ptr(), len, bid);
+            self.bufs[bid as usize] = Some(buf);
+            pushed = true;
+        }
+        if pushed {
+            self.ring.publish();
+        }
+        Ok(())
+    }
+
+    /// Takes back the buffer the kernel filled; its id is queued for a fresh one.
+    fn take(&mut self, bid: u16) -> Option<PacketBuf> {
+        let buf = self.bufs.get_mut(bid as usize)?.take()?;
+        self.to_provide.push(bid);
+        Some(buf)
+    }
+}
+
 /// The kernel structures of one in-flight `sendmsg`, boxed so they do not move.
 struct SendSlot {
     hdr: libc::msghdr,
@@ -149,15 +208,13 @@ pub struct UringIo {
     _packets: PacketFd,
     udp: UdpSocket,
     batch: usize,
-    buf_ring: BufRing,
-    /// Buffers lent to the buffer ring, by buffer id.
-    provided: Vec<Option<PacketBuf>>,
-    /// Buffer ids consumed and waiting for a fresh buffer.
-    to_provide: Vec<u16>,
+    /// Datagrams land in these (behind the recvmsg header and address).
+    udp_bufs: Provided,
+    /// TUN packets land in these.
+    tun_bufs: Provided,
     recv_msghdr: Box<libc::msghdr>,
     recv_armed: bool,
-    tun_reads: Vec<Option<PacketBuf>>,
-    tun_reads_free: Vec<usize>,
+    tun_read_armed: bool,
     tun_writes: Vec<Option<PacketBuf>>,
     tun_writes_free: Vec<usize>,
     /// Boxed so that a slot the kernel points into never moves, whatever the vector does.
@@ -172,6 +229,7 @@ pub struct UringIo {
     wake_armed: bool,
     waker: Waker,
     gso: bool,
+    enabled: bool,
     tun_read_error: Option<io::Error>,
     stats: IoStats,
 }
@@ -192,18 +250,35 @@ impl std::fmt::Debug for UringIo {
 impl UringIo {
     /// A backend over `packets` and `udp` moving up to `batch` items per turn.
     pub fn new(packets: PacketFd, udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
-        // Blocking descriptors: io_uring then waits on them itself instead of returning EAGAIN.
-        super::set_nonblocking(packets.as_fd(), false)?;
+        // Non-blocking, watched by a multishot poll: reads are issued only when the device is
+        // readable and complete inline at submission. (A blocking descriptor would park one
+        // kernel worker thread in each in-flight read, and every packet would cost a wake-up
+        // of one of them before ours.)
+        super::set_nonblocking(packets.as_fd(), true)?;
         let entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u32;
-        let ring: IoUring = IoUring::builder().setup_cqsize(entries * 4).build(entries)?;
+        // The ring is built disabled and enabled by the first `wait`, on the worker thread
+        // that drives it from then on: that lets it be single-issuer with cooperative task
+        // running (completions are not forced on the worker by interrupts). Kernels without
+        // those flags get a plain ring. (DEFER_TASKRUN was tried too: the multishot receive
+        // then stalled in the backend test suite, so it stays off until that is understood.)
+        let ring: IoUring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_r_disabled()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).setup_r_disabled().build(entries))?;
         ring.submitter().register_files(&[packets.as_fd().as_raw_fd(), udp.as_fd().as_raw_fd()])?;
         let ring_entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u16;
-        let buf_ring = BufRing::new(ring_entries)?;
-        // SAFETY: the entries stay allocated (owned by `buf_ring`) until the ring is dropped,
-        // which happens first (field order).
-        unsafe {
-            ring.submitter().register_buf_ring_with_flags(buf_ring.base as u64, ring_entries, BGID, 0)?
-        };
+        let udp_bufs = Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?;
+        let tun_bufs = Provided::new(ring_entries, BGID_TUN, 0, DEFAULT_TAILROOM)?;
+        for p in [&udp_bufs, &tun_bufs] {
+            // SAFETY: the entries stay allocated (owned by `p`, a field of the backend) until
+            // the ring is dropped, which happens first (field order).
+            unsafe {
+                ring.submitter().register_buf_ring_with_flags(p.ring.base as u64, ring_entries, p.bgid, 0)?
+            };
+        }
         // SAFETY: msghdr is plain old data; zeros are valid.
         let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
         recv_msghdr.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
@@ -213,13 +288,11 @@ impl UringIo {
             _packets: packets,
             udp,
             batch,
-            buf_ring,
-            provided: (0..ring_entries).map(|_| None).collect(),
-            to_provide: (0..ring_entries).collect(),
+            udp_bufs,
+            tun_bufs,
             recv_msghdr,
             recv_armed: false,
-            tun_reads: (0..batch).map(|_| None).collect(),
-            tun_reads_free: (0..batch).collect(),
+            tun_read_armed: false,
             tun_writes: (0..batch * 2).map(|_| None).collect(),
             tun_writes_free: (0..batch * 2).collect(),
             sends: Vec::new(),
@@ -231,6 +304,7 @@ impl UringIo {
             wake_armed: false,
             waker: Waker::new()?,
             gso,
+            enabled: false,
             tun_read_error: None,
             stats: IoStats::default(),
         };
@@ -266,35 +340,27 @@ impl UringIo {
         }
     }
 
-    /// Lends fresh buffers to the buffer ring for every consumed id, and re-arms the multishot
-    /// receive if it ended.
+    /// Lends fresh buffers for every consumed id, and re-arms the multishot receive, the
+    /// multishot TUN read and the waker where they ended.
     fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
-        let mut pushed = false;
-        while let Some(bid) = self.to_provide.pop() {
-            let mut buf = pool.get();
-            if buf.headroom() < RECV_PREFIX {
-                pool.put(buf);
-                self.to_provide.push(bid);
-                return Err(io::Error::other("pool buffers lack headroom for io_uring receives"));
-            }
-            buf.reset(buf.headroom() - RECV_PREFIX);
-            let spare = buf.spare_mut();
-            let (addr, len) = (spare.as_mut_ptr(), spare.len());
-            self.buf_ring.push(addr, len, bid);
-            self.provided[bid as usize] = Some(buf);
-            pushed = true;
-        }
-        if pushed {
-            self.buf_ring.publish();
-        }
+        self.udp_bufs.refill(pool)?;
+        self.tun_bufs.refill(pool)?;
         if !self.recv_armed {
-            let entry = opcode::RecvMsgMulti::new(Fixed(FILE_UDP), &*self.recv_msghdr, BGID)
+            let entry = opcode::RecvMsgMulti::new(Fixed(FILE_UDP), &*self.recv_msghdr, BGID_UDP)
                 .build()
                 .user_data(ud(UDP_RECV, 0));
             // SAFETY: the msghdr is boxed in `self` and outlives the ring; the buffers come from
-            // the buffer ring, whose memory `self.provided` owns.
+            // the buffer ring, whose memory `self.udp_bufs` owns.
             unsafe { self.push(&entry)? };
             self.recv_armed = true;
+        }
+        if !self.tun_read_armed && self.tun_read_error.is_none() {
+            let entry =
+                opcode::ReadMulti::new(Fixed(FILE_TUN), 0, BGID_TUN).build().user_data(ud(TUN_READ, 0));
+            // SAFETY: the buffers come from the TUN buffer ring, whose memory `self.tun_bufs`
+            // owns until the ring is gone.
+            unsafe { self.push(&entry)? };
+            self.tun_read_armed = true;
         }
         if !self.wake_armed {
             let entry =
@@ -309,22 +375,6 @@ impl UringIo {
         Ok(())
     }
 
-    /// Keeps `batch` TUN reads in flight.
-    fn arm_tun_reads(&mut self, pool: &mut BufPool) -> io::Result<()> {
-        while let Some(slot) = self.tun_reads_free.pop() {
-            let mut buf = pool.get();
-            let spare = buf.spare_mut();
-            let room = spare.len().saturating_sub(DEFAULT_TAILROOM);
-            let ptr = spare.as_mut_ptr();
-            let entry =
-                opcode::Read::new(Fixed(FILE_TUN), ptr, room as u32).build().user_data(ud(TUN_READ, slot));
-            self.tun_reads[slot] = Some(buf);
-            // SAFETY: the buffer is held in `tun_reads[slot]` until the read completes.
-            unsafe { self.push(&entry)? };
-        }
-        Ok(())
-    }
-
     /// Reaps every completion, moving finished reads to the ready lists.
     fn reap(&mut self) {
         let mut cq = self.ring.completion();
@@ -334,17 +384,22 @@ impl UringIo {
             let result = cqe.result();
             match kind {
                 TUN_READ => {
-                    let Some(mut buf) = self.tun_reads[slot].take() else { continue };
-                    self.tun_reads_free.push(slot);
-                    if result > 0 {
-                        buf.set_len(result as usize).expect("the kernel read within the room given");
-                        self.stats.tun_rx += 1;
-                        self.ready_packets.push(buf);
-                    } else {
-                        self.done.push(buf);
-                        if result < 0 && result != -libc::ECANCELED {
-                            self.stats.tun_read_errors += 1;
-                            self.tun_read_error = Some(io::Error::from_raw_os_error(-result));
+                    if !cqueue::more(cqe.flags()) {
+                        self.tun_read_armed = false;
+                    }
+                    let buf = cqueue::buffer_select(cqe.flags()).and_then(|bid| self.tun_bufs.take(bid));
+                    match (buf, result) {
+                        (Some(mut buf), n) if n > 0 => {
+                            buf.set_len(n as usize).expect("the kernel read within the room given");
+                            self.stats.tun_rx += 1;
+                            self.ready_packets.push(buf);
+                        }
+                        (buf, n) => {
+                            self.done.extend(buf);
+                            if n < 0 && ![libc::ECANCELED, libc::EAGAIN, libc::ENOBUFS].contains(&-n) {
+                                self.stats.tun_read_errors += 1;
+                                self.tun_read_error = Some(io::Error::from_raw_os_error(-n));
+                            }
                         }
                     }
                 }
@@ -369,10 +424,7 @@ impl UringIo {
                         }
                         continue;
                     };
-                    self.to_provide.push(bid);
-                    let Some(mut buf) = self.provided.get_mut(bid as usize).and_then(Option::take) else {
-                        continue;
-                    };
+                    let Some(mut buf) = self.udp_bufs.take(bid) else { continue };
                     if result < 0 {
                         self.done.push(buf);
                         continue;
@@ -457,9 +509,13 @@ impl PacketIo for UringIo {
     }
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if !self.enabled {
+            self.ring.submitter().register_enable_rings()?;
+            self.enabled = true;
+        }
         // Until the receive, the reads and the waker are armed (the first turn, or after the
         // buffer ring ran dry), nothing may complete: go round once to arm them.
-        let unarmed = !self.recv_armed || !self.wake_armed || !self.tun_reads_free.is_empty();
+        let unarmed = !self.recv_armed || !self.wake_armed || !self.tun_read_armed;
         if unarmed || !self.ready_packets.is_empty() || !self.ready_datagrams.is_empty() {
             self.ring.submit()?;
             self.reap();
@@ -485,8 +541,10 @@ impl PacketIo for UringIo {
 
     fn recv_datagrams(&mut self, pool: &mut BufPool, out: &mut Vec<Datagram>) -> io::Result<()> {
         self.recycle_done(pool);
-        let take = self.ready_datagrams.len().min(self.batch.max(1) * 4);
-        out.extend(self.ready_datagrams.drain(..take));
+        // Everything received goes out now: the buffer ring bounds how much that can be.
+        // (Handing out only part of it while refilling the ring every turn let the backlog,
+        // and the buffers it holds, grow without bound under a sustained flood.)
+        out.append(&mut self.ready_datagrams);
         self.refill(pool)
     }
 
@@ -494,10 +552,10 @@ impl PacketIo for UringIo {
         self.recycle_done(pool);
         out.append(&mut self.ready_packets);
         if let Some(e) = self.tun_read_error.take() {
-            // Re-arm later, not now: a broken descriptor would fail again at once.
+            // Re-armed at the next turn, not now: a broken descriptor would fail again at once.
             return Err(e);
         }
-        self.arm_tun_reads(pool)
+        self.refill(pool)
     }
 
     fn send_datagrams(&mut self, dgrams: &mut Vec<Datagram>, pool: &mut BufPool) -> io::Result<()> {
@@ -620,11 +678,11 @@ impl PacketIo for UringIo {
 impl UringIo {
     /// Requests still in flight.
     fn outstanding(&self) -> usize {
-        self.tun_reads.iter().filter(|b| b.is_some()).count()
-            + self.tun_writes.iter().filter(|b| b.is_some()).count()
+        self.tun_writes.iter().filter(|b| b.is_some()).count()
             + (self.sends.len() - self.sends_free.len())
             + usize::from(self.recv_armed)
             + usize::from(self.wake_armed)
+            + usize::from(self.tun_read_armed)
     }
 }
 
