@@ -526,32 +526,37 @@ impl MsgBatch {
             h.msg_iovlen = pieces.len();
             h.msg_flags = 0;
             iov += pieces.len();
-            if g.segment == 0 {
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-            } else {
-                let space = self.cmsgs[i].as_mut_ptr().cast::<u8>();
-                h.msg_control = space.cast();
-                // SAFETY: CMSG_SPACE is a pure computation.
-                h.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
-                debug_assert!(h.msg_controllen <= GSO_CMSG_SPACE);
-                // SAFETY: msg_control points at GSO_CMSG_SPACE bytes (8-aligned) owned by
-                // `self`, enough for one cmsghdr carrying a u16, so CMSG_FIRSTHDR is non-null
-                // and CMSG_DATA stays inside it.
-                unsafe {
-                    let c = libc::CMSG_FIRSTHDR(h);
-                    (*c).cmsg_level = libc::SOL_UDP;
-                    (*c).cmsg_type = libc::UDP_SEGMENT;
-                    (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), g.segment);
-                }
-            }
+            set_gso_segment(h, &mut self.cmsgs[i], g.segment);
         }
         // SAFETY: the first `n` headers point at iovecs over the borrowed datagrams' bytes, at
         // address storage and control space inside `self`, all live for this call; sendmmsg
         // only reads them.
         let r = unsafe { libc::sendmmsg(fd.as_raw_fd(), self.hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
         Ok(check(r)? as usize)
+    }
+}
+
+/// Points `hdr`'s control data at `space` holding one `UDP_SEGMENT` message of `segment`
+/// bytes, or clears it when `segment` is 0 (a single datagram).
+pub(crate) fn set_gso_segment(hdr: &mut libc::msghdr, space: &mut [u64; GSO_CMSG_SPACE / 8], segment: u16) {
+    if segment == 0 {
+        hdr.msg_control = std::ptr::null_mut();
+        hdr.msg_controllen = 0;
+        return;
+    }
+    hdr.msg_control = space.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    hdr.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    debug_assert!(hdr.msg_controllen <= GSO_CMSG_SPACE);
+    // SAFETY: msg_control points at GSO_CMSG_SPACE bytes (8-aligned, borrowed mutably for this
+    // call), enough for one cmsghdr carrying a u16, so CMSG_FIRSTHDR is non-null and CMSG_DATA
+    // stays inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(hdr);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), segment);
     }
 }
 
@@ -584,9 +589,8 @@ pub(crate) fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and the threads it starts after),
-/// so that [`wait_signal`] can take them synchronously.
-pub(crate) fn block_termination_signals() -> io::Result<()> {
+/// The set {SIGINT, SIGTERM, SIGHUP}.
+fn termination_sigset() -> libc::sigset_t {
     // SAFETY: sigset_t is plain old data and sigemptyset initialises it before use.
     let mut set: libc::sigset_t = unsafe { zeroed() };
     // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
@@ -596,6 +600,13 @@ pub(crate) fn block_termination_signals() -> io::Result<()> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGHUP);
     }
+    set
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and the threads it starts after),
+/// so that [`wait_signal`] can take them synchronously.
+pub(crate) fn block_termination_signals() -> io::Result<()> {
+    let set = termination_sigset();
     // SAFETY: `set` is initialised; the old mask is not wanted (null).
     let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if r != 0 { Err(io::Error::from_raw_os_error(r)) } else { Ok(()) }
@@ -603,15 +614,7 @@ pub(crate) fn block_termination_signals() -> io::Result<()> {
 
 /// Waits up to `timeout` for one of the signals [`block_termination_signals`] blocked.
 pub(crate) fn wait_signal(timeout: Duration) -> Option<i32> {
-    // SAFETY: as in block_termination_signals.
-    let mut set: libc::sigset_t = unsafe { zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-    }
+    let set = termination_sigset();
     let ts =
         libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
     // SAFETY: `set` and `ts` are initialised and live for the call; no siginfo is wanted.

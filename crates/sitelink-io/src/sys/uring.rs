@@ -32,7 +32,7 @@ use io_uring::types::{BufRingEntry, Fixed, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 use sitelink_frame::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
-use super::{GSO_CMSG_SPACE, RawAddr, SendGroup};
+use super::{GSO_CMSG_SPACE, RawAddr, SendGroup, set_gso_segment};
 use crate::mmsg::group_for_gso;
 use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
 
@@ -593,23 +593,7 @@ impl PacketIo for UringIo {
                 s.hdr.msg_iov = s.iovs.as_mut_ptr();
                 s.hdr.msg_iovlen = s.iovs.len();
                 s.hdr.msg_flags = 0;
-                if g.segment == 0 {
-                    s.hdr.msg_control = std::ptr::null_mut();
-                    s.hdr.msg_controllen = 0;
-                } else {
-                    s.hdr.msg_control = s.cmsg.as_mut_ptr().cast();
-                    // SAFETY: CMSG_SPACE is a pure computation.
-                    s.hdr.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
-                    // SAFETY: msg_control points at GSO_CMSG_SPACE bytes (8-aligned) owned by the
-                    // slot, enough for one cmsghdr carrying a u16.
-                    unsafe {
-                        let c = libc::CMSG_FIRSTHDR(&s.hdr);
-                        (*c).cmsg_level = libc::SOL_UDP;
-                        (*c).cmsg_type = libc::UDP_SEGMENT;
-                        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-                        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), g.segment);
-                    }
-                }
+                set_gso_segment(&mut s.hdr, &mut s.cmsg, g.segment);
                 let entry =
                     opcode::SendMsg::new(Fixed(FILE_UDP), &s.hdr).build().user_data(ud(UDP_SEND, slot));
                 self.stats.send_calls += 1;
