@@ -102,3 +102,69 @@ fn sitelinkd_survives_garbage_and_counts_it() {
         assert!(last.contains(reason), "{reason} not counted: {last}");
     }
 }
+
+/// wg-quick brings sitelinkd up as its userspace implementation (so sitelinkd daemonizes),
+/// `wg showconf`, `wg syncconf` and `wg setconf` round-trip the configuration, and
+/// `wg-quick down` stops the daemon and removes its socket.
+#[test]
+fn wg_quick_drives_sitelinkd_and_the_conf_commands_round_trip() {
+    let mut needed = needs(Impl::Sitelink("uring"));
+    needed.push("wg-quick");
+    if !can_run(&needed) {
+        return;
+    }
+    let mut pair = Pair::new();
+    for side in 0..2 {
+        pair.keys[side] = common::must("wg genkey").trim().to_owned();
+        pair.pubs[side] = common::must(&format!("echo {} | wg pubkey", pair.keys[side])).trim().to_owned();
+    }
+    let dir = std::env::temp_dir().join(format!("sitelink-wgq-{}", pair.ifname[0]));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let conf = |side: usize| dir.join(format!("{}.conf", pair.ifname[side]));
+    for side in 0..2 {
+        let other = 1 - side;
+        std::fs::write(
+            conf(side),
+            format!(
+                "[Interface]\nPrivateKey = {}\nListenPort = 51820\nAddress = 10.202.0.{}/24\n\n\
+                 [Peer]\nPublicKey = {}\nAllowedIPs = 10.202.0.{}/32\nEndpoint = 10.201.0.{}:51820\n",
+                pair.keys[side],
+                side + 1,
+                pair.pubs[other],
+                other + 1,
+                other + 1
+            ),
+        )
+        .expect("conf");
+        pair.ns_exec(
+            side,
+            &format!(
+                "env WG_QUICK_USERSPACE_IMPLEMENTATION={} wg-quick up {} </dev/null >/dev/null 2>&1",
+                common::SITELINKD,
+                conf(side).display()
+            ),
+        );
+    }
+    assert!(pair.ping_until(0, std::time::Duration::from_secs(10)).is_some(), "no link after wg-quick up");
+    let shown = dir.join("shown.conf");
+    pair.ns_exec(0, &format!("sh -c 'wg showconf {} > {}'", pair.ifname[0], shown.display()));
+    let text = std::fs::read_to_string(&shown).expect("showconf");
+    assert!(
+        text.contains(&pair.pubs[1]) && text.contains("10.202.0.2/32") && text.contains("ListenPort = 51820")
+    );
+    pair.ns_exec(0, &format!("wg syncconf {} {}", pair.ifname[0], shown.display()));
+    pair.ns_exec(0, &format!("wg setconf {} {}", pair.ifname[0], shown.display()));
+    assert!(pair.ping_until(0, std::time::Duration::from_secs(10)).is_some(), "no link after setconf");
+    pair.tcp_transfer_checked(0, 1 << 20);
+    pair.ns_exec(0, &format!("wg-quick down {} </dev/null >/dev/null 2>&1", conf(0).display()));
+    let start = std::time::Instant::now();
+    while std::path::Path::new(&pair.socket(0)).exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "sitelinkd kept its socket after wg-quick down"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    pair.ns_exec(1, &format!("wg-quick down {} </dev/null >/dev/null 2>&1", conf(1).display()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,7 +6,8 @@
 //! daemonizes unless `-f` is given (or `WG_PROCESS_FOREGROUND=1`), and exits cleanly on
 //! SIGTERM or SIGINT, or when the interface is deleted, removing its socket. It works as
 //! `WG_QUICK_USERSPACE_IMPLEMENTATION` for wg-quick. `LOG_LEVEL` (error, warn, info, debug)
-//! sets the log level; logs go to standard error.
+//! sets the log level; logs go to standard error in the foreground, and to the file named by
+//! `SITELINK_LOG_FILE` (else nowhere) when daemonized.
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -85,6 +86,10 @@ fn daemonize(args: &Args) -> ExitCode {
         .arg(&args.ifname)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        // The detached daemon must not hold the caller's descriptors open (whoever reads our
+        // output through a pipe, as scripts around wg-quick do, would wait forever). Its log
+        // goes to SITELINK_LOG_FILE if set, else nowhere.
+        .stderr(daemon_log())
         .process_group(0)
         .spawn()
     {
@@ -109,6 +114,13 @@ fn daemonize(args: &Args) -> ExitCode {
     }
     eprintln!("sitelinkd: the daemon did not open {}", path.display());
     ExitCode::FAILURE
+}
+
+/// Where a daemonized sitelinkd logs: the file named by SITELINK_LOG_FILE, else nowhere.
+fn daemon_log() -> Stdio {
+    std::env::var_os("SITELINK_LOG_FILE")
+        .and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok())
+        .map_or_else(Stdio::null, Stdio::from)
 }
 
 /// Removes the UAPI socket when dropped.
