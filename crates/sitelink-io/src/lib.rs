@@ -26,6 +26,11 @@ use sitelink_frame::{BufPool, Datagram, PacketBuf};
 pub use mmsg::MmsgIo;
 pub use sys::uring::UringIo;
 
+/// Helpers for tests of the crates above, which may not hold `unsafe` themselves.
+pub mod testing {
+    pub use crate::sys::counting::CountingAllocator;
+}
+
 /// Datagrams or packets moved per batch by default.
 pub const DEFAULT_BATCH: usize = 64;
 

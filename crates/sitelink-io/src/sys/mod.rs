@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use sitelink_frame::{Datagram, PacketBuf};
 
+pub(crate) mod counting;
 pub(crate) mod uring;
 
 /// Turns a `-1` return into the thread's errno.

@@ -1,44 +1,16 @@
 //! The data path allocates nothing once warm: a counting global allocator watches 10,000
 //! rounds of encapsulate and decapsulate, in batches of 64, both ways.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sitelink_frame::ip;
+use sitelink_io::testing::CountingAllocator;
 use sitelink_proto::sim::Net;
 use sitelink_proto::{Datagram, Device, PacketBuf};
 
-struct Counting;
-
-static COUNTING: AtomicBool = AtomicBool::new(false);
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: every call is forwarded unchanged to the system allocator; the counter is atomic.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as ours.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        }
-        // SAFETY: same contract as ours.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: CountingAllocator = CountingAllocator::new();
 
 const BATCH: usize = 64;
 
@@ -114,14 +86,13 @@ fn steady_state_data_path_allocates_nothing() {
         round(a, b, &mut ab, inner_a, inner_b, addr_a, now, &payload);
         round(b, a, &mut ba, inner_b, inner_a, addr_b, now, &payload);
     }
-    COUNTING.store(true, Ordering::SeqCst);
+    GLOBAL.start();
     for _ in 0..10_000 {
         now += Duration::from_micros(500);
         round(a, b, &mut ab, inner_a, inner_b, addr_a, now, &payload);
         round(b, a, &mut ba, inner_b, inner_a, addr_b, now, &payload);
     }
-    COUNTING.store(false, Ordering::SeqCst);
-    let n = ALLOCATIONS.load(Ordering::SeqCst);
+    let n = GLOBAL.stop();
     assert_eq!(n, 0, "{n} heap allocations in 2 x 10,000 batches of {BATCH} packets");
     assert_eq!(a.stats().drops.total() + b.stats().drops.total(), 0);
 }

@@ -1,0 +1,67 @@
+//! A global allocator that counts allocations while switched on, for tests that prove a path
+//! allocates nothing.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// The system allocator, counting allocations and reallocations while [`start`] is in effect.
+/// Install it in a test binary with `#[global_allocator]`.
+///
+/// [`start`]: CountingAllocator::start
+#[derive(Debug)]
+pub struct CountingAllocator {
+    on: AtomicBool,
+    count: AtomicU64,
+}
+
+impl CountingAllocator {
+    /// A counter, switched off.
+    pub const fn new() -> Self {
+        CountingAllocator { on: AtomicBool::new(false), count: AtomicU64::new(0) }
+    }
+
+    /// Starts counting (from zero).
+    pub fn start(&self) {
+        self.count.store(0, Ordering::SeqCst);
+        self.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops counting and returns the allocations counted.
+    pub fn stop(&self) -> u64 {
+        self.on.store(false, Ordering::SeqCst);
+        self.count.load(Ordering::SeqCst)
+    }
+
+    fn note(&self) {
+        if self.on.load(Ordering::Relaxed) {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Default for CountingAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to the system allocator; counting touches only
+// atomics and never allocates.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        self.note();
+        // SAFETY: the caller upholds GlobalAlloc::alloc's contract, which is System's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller upholds GlobalAlloc::dealloc's contract, which is System's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        self.note();
+        // SAFETY: the caller upholds GlobalAlloc::realloc's contract, which is System's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
