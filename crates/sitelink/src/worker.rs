@@ -30,8 +30,10 @@ pub(crate) fn run(shared: Arc<Shared>, mut io: Box<dyn PacketIo>) {
     let mut logged_drops = 0u64;
     let mut errors = ErrorLog::default();
 
+    // The engine's next timer, read at the end of each turn while the engine is held anyway
+    // (a control-path change wakes the worker, and the turn that follows reads it afresh).
+    let mut deadline = lock(&shared.device).next_deadline();
     while !shared.stop.load(Ordering::Relaxed) {
-        let deadline = lock(&shared.device).next_deadline();
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if let Err(e) = io.wait(timeout) {
             errors.report("waiting for I/O", &e);
@@ -93,6 +95,7 @@ pub(crate) fn run(shared: Arc<Shared>, mut io: Box<dyn PacketIo>) {
             }
             last_drop_log = now;
         }
+        deadline = dev.next_deadline();
         drop(dev);
         *lock(&shared.io_stats) = io.stats().clone();
         if failed_read {
@@ -102,8 +105,8 @@ pub(crate) fn run(shared: Arc<Shared>, mut io: Box<dyn PacketIo>) {
     *lock(&shared.io_stats) = io.stats().clone();
 }
 
-/// Logs I/O errors without flooding the log: the first of each kind, then at most one a
-/// second with a count of those suppressed.
+/// Logs I/O errors without flooding the log: at most one a second, each with a count of
+/// those suppressed since the last.
 #[derive(Default)]
 struct ErrorLog {
     last: Option<Instant>,
