@@ -10,10 +10,11 @@ use sitelink_crypto::noise::{self, Identity, PeerKeys};
 use sitelink_crypto::{PresharedKey, PrivateKey, PublicKey, Random, Tai64N};
 use sitelink_frame::wire::{
     self, COOKIE_REPLY_LEN, CookieReply, HandshakeInitiation, HandshakeResponse, INITIATION_LEN, MessageType,
-    RESPONSE_LEN, TRANSPORT_HEADER_LEN, TransportData, mac_offsets,
+    RESPONSE_LEN, TAG_LEN, TRANSPORT_HEADER_LEN, TransportData, mac_offsets,
 };
 use sitelink_frame::{BufPool, Datagram, PacketBuf, ip};
 
+use crate::batch::{CryptoBatch, OpenJob};
 use crate::config::{DeviceConfig, IpNet, PeerConfig, Timing};
 use crate::peer::{Keypair, Peer, Pending, Slot, Timer};
 use crate::ratelimit::RateLimiter;
@@ -177,6 +178,8 @@ pub struct Device {
     limiter: RateLimiter,
     cookie_limiter: RateLimiter,
     load: LoadMeter,
+    /// The batch the one-thread entry points (`encapsulate`, `decapsulate`, `on_timers`) run.
+    scratch: CryptoBatch,
 }
 
 impl std::fmt::Debug for Device {
@@ -222,6 +225,7 @@ impl Device {
             // message with one would spend the data path's time on an attacker.
             cookie_limiter: RateLimiter::new(COOKIE_REPLIES_PER_SOURCE_PER_SECOND, 2, RATE_LIMITER_SOURCES),
             load: LoadMeter::default(),
+            scratch: CryptoBatch::default(),
             config,
         }
     }
@@ -455,7 +459,27 @@ impl Device {
 
     /// Encrypts IP packets (drained from `packets`) to their peers; datagrams to send are
     /// pushed to `out`. A packet whose peer has no session waits for the handshake this starts.
+    ///
+    /// The same as [`encapsulate_deferred`](Self::encapsulate_deferred) followed at once by
+    /// [`CryptoBatch::run`], for a driver with one thread.
     pub fn encapsulate(&mut self, now: Instant, packets: &mut Vec<PacketBuf>, out: &mut Vec<Datagram>) {
+        let mut batch = std::mem::take(&mut self.scratch);
+        self.encapsulate_deferred(now, packets, &mut batch, out);
+        batch.run(out);
+        self.scratch = batch;
+    }
+
+    /// Like [`encapsulate`](Self::encapsulate), but the sealing is left in `batch`, for
+    /// [`CryptoBatch::run`] to do without the device (so that several threads can seal at
+    /// once). Counters, timers and statistics are all settled here.
+    pub fn encapsulate_deferred(
+        &mut self,
+        now: Instant,
+        packets: &mut Vec<PacketBuf>,
+        batch: &mut CryptoBatch,
+        out: &mut Vec<Datagram>,
+    ) {
+        self.adopt_batch(batch);
         for buf in packets.drain(..) {
             let dst = match ip::peek(buf.data()) {
                 Ok(p) => p.dst,
@@ -465,7 +489,7 @@ impl Device {
                 }
             };
             match self.routes.lookup(dst) {
-                Some(pid) => self.send_packet(now, pid, buf, out),
+                Some(pid) => self.send_packet(now, pid, buf, batch, out),
                 None => self.drop_buf(None, DropReason::NoRoute, buf),
             }
         }
@@ -474,6 +498,9 @@ impl Device {
     /// Handles received datagrams (drained from `datagrams`): IP packets to deliver go to
     /// `packets`, datagrams to send to `out`. Nothing received can make this panic; every
     /// datagram not delivered is counted by reason.
+    ///
+    /// The same as [`decapsulate_deferred`](Self::decapsulate_deferred), [`CryptoBatch::run`]
+    /// and [`complete`](Self::complete) in a row, for a driver with one thread.
     pub fn decapsulate(
         &mut self,
         now: Instant,
@@ -481,20 +508,84 @@ impl Device {
         packets: &mut Vec<PacketBuf>,
         out: &mut Vec<Datagram>,
     ) {
+        let mut batch = std::mem::take(&mut self.scratch);
+        self.decapsulate_deferred(now, datagrams, &mut batch, out);
+        batch.run(out);
+        self.complete(now, &mut batch, packets, out);
+        self.scratch = batch;
+    }
+
+    /// Like [`decapsulate`](Self::decapsulate), but transport messages are only looked up and
+    /// checked against the replay window here; opening them is left in `batch` for
+    /// [`CryptoBatch::run`], and delivering them for [`complete`](Self::complete). Handshake
+    /// and cookie messages are handled in full (their answers go to `out`).
+    pub fn decapsulate_deferred(
+        &mut self,
+        now: Instant,
+        datagrams: &mut Vec<Datagram>,
+        batch: &mut CryptoBatch,
+        out: &mut Vec<Datagram>,
+    ) {
+        self.adopt_batch(batch);
         for d in datagrams.drain(..) {
             match wire::classify(d.buf.data()) {
-                Ok(MessageType::TransportData) => self.receive_data(now, d, packets, out),
+                Ok(MessageType::TransportData) => self.receive_data(now, d, batch),
                 Ok(MessageType::HandshakeInitiation) => self.receive_initiation(now, d, out),
-                Ok(MessageType::HandshakeResponse) => self.receive_response(now, d, out),
+                Ok(MessageType::HandshakeResponse) => self.receive_response(now, d, batch, out),
                 Ok(MessageType::CookieReply) => self.receive_cookie_reply(now, d),
                 Err(_) => self.drop_buf(None, DropReason::Malformed, d.buf),
             }
         }
     }
 
-    /// Sends the packet to `pid` if a session is up; else stages it and starts a handshake.
+    /// Delivers the transport messages `batch` opened: each that authenticated is marked in
+    /// its keypair's replay window, moves its peer's endpoint (roaming), confirms a new
+    /// session, feeds the timers and, if its inner source is one of the peer's allowed IPs,
+    /// goes to `packets` in the order received. Datagrams this sends (a keepalive, packets
+    /// that waited for the session) go to `out`.
+    ///
+    /// Opens that [`CryptoBatch::run`] did not do yet are done here.
+    pub fn complete(
+        &mut self,
+        now: Instant,
+        batch: &mut CryptoBatch,
+        packets: &mut Vec<PacketBuf>,
+        out: &mut Vec<Datagram>,
+    ) {
+        if !batch.needs_completion() {
+            return;
+        }
+        self.adopt_batch(batch);
+        batch.open_pending();
+        let mut opens = batch.take_opens();
+        for job in opens.drain(..) {
+            self.deliver(now, job, batch, packets, out);
+        }
+        batch.restore_opens(opens);
+        // A confirmed session flushes the packets that waited for it: seal those now.
+        batch.seal_into(out);
+    }
+
+    /// Readies `batch` for this device: the MTU its seals pad to, and the seals it failed.
     #[inline]
-    fn send_packet(&mut self, now: Instant, pid: PeerId, mut buf: PacketBuf, out: &mut Vec<Datagram>) {
+    fn adopt_batch(&mut self, batch: &mut CryptoBatch) {
+        batch.mtu = self.config.mtu;
+        for _ in 0..std::mem::take(&mut batch.failed_seals) {
+            self.stats.drops.add(DropReason::NoTailroom);
+        }
+    }
+
+    /// Sends the packet to `pid` if a session is up (its sealing queued in `batch`); else
+    /// stages it and starts a handshake.
+    #[inline]
+    fn send_packet(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        buf: PacketBuf,
+        batch: &mut CryptoBatch,
+        out: &mut Vec<Datagram>,
+    ) {
         let timing = self.config.timing;
         let mtu = self.config.mtu;
         let peer = self.peer_mut(pid);
@@ -504,28 +595,31 @@ impl Device {
         };
         if !peer.staged.is_empty() {
             self.stage(pid, buf);
-            self.send_staged(now, pid, out);
+            self.send_staged(now, pid, batch, out);
             return;
         }
         let Some(kp) = peer.current.as_mut().filter(|k| k.can_send(now, &timing)) else {
             self.stage(pid, buf);
-            self.send_staged(now, pid, out);
+            self.send_staged(now, pid, batch, out);
             return;
         };
-        let is_data = !buf.is_empty();
-        if kp.seal(&mut buf, mtu).is_err() {
+        let len = buf.len();
+        let tail = wire::padding_for(len, mtu) + TAG_LEN;
+        if buf.tailroom() < tail || buf.headroom() < TRANSPORT_HEADER_LEN {
             self.drop_buf(Some(pid), DropReason::NoTailroom, buf);
             return;
         }
+        let counter = kp.next_counter();
+        batch.push_seal(&kp.send, counter, kp.remote_index, endpoint, buf);
         let rekey = (kp.initiator && now.saturating_duration_since(kp.created) >= timing.rekey_after_time)
             || kp.send_counter > timing.rekey_after_messages;
-        peer.stats.tx_bytes += buf.len() as u64;
+        peer.stats.tx_bytes += (TRANSPORT_HEADER_LEN + len + tail) as u64;
+        let is_data = len != 0;
         if is_data {
             peer.stats.tx_packets += 1;
         } else {
             peer.stats.keepalives_sent += 1;
         }
-        out.push(Datagram { addr: endpoint, buf });
         self.on_authenticated_sent(now, pid, is_data);
         if rekey {
             self.initiate(now, pid, out, false);
@@ -543,17 +637,16 @@ impl Device {
     }
 
     /// Sends every staged packet if a session is up, else starts a handshake.
-    fn send_staged(&mut self, now: Instant, pid: PeerId, out: &mut Vec<Datagram>) {
+    fn send_staged(&mut self, now: Instant, pid: PeerId, batch: &mut CryptoBatch, out: &mut Vec<Datagram>) {
         let timing = self.config.timing;
         let peer = self.peer_mut(pid);
         if peer.current.as_ref().is_none_or(|k| !k.can_send(now, &timing)) || peer.endpoint.is_none() {
             self.initiate(now, pid, out, false);
             return;
         }
-        let staged = std::mem::take(&mut self.peer_mut(pid).staged);
-        let mut staged = staged;
+        let mut staged = std::mem::take(&mut self.peer_mut(pid).staged);
         while let Some(buf) = staged.pop_front() {
-            self.send_packet(now, pid, buf, out);
+            self.send_packet(now, pid, buf, batch, out);
         }
         // Keep the (now empty) queue's allocation for next time.
         let peer = self.peer_mut(pid);
@@ -563,21 +656,23 @@ impl Device {
     }
 
     /// Sends a keepalive: staged packets if any are waiting, else an empty transport message.
-    fn send_keepalive(&mut self, now: Instant, pid: PeerId, out: &mut Vec<Datagram>) {
+    fn send_keepalive(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        batch: &mut CryptoBatch,
+        out: &mut Vec<Datagram>,
+    ) {
         if self.peer_mut(pid).staged.is_empty() {
             let buf = self.pool.get();
             self.peer_mut(pid).staged.push_back(buf);
         }
-        self.send_staged(now, pid, out);
+        self.send_staged(now, pid, batch, out);
     }
 
-    fn receive_data(
-        &mut self,
-        now: Instant,
-        mut d: Datagram,
-        packets: &mut Vec<PacketBuf>,
-        out: &mut Vec<Datagram>,
-    ) {
+    /// The first half of receiving a transport message: find its keypair, check it may still
+    /// receive and that the counter is new, and queue the open.
+    fn receive_data(&mut self, now: Instant, mut d: Datagram, batch: &mut CryptoBatch) {
         let timing = self.config.timing;
         let (index, counter) = match TransportData::new_checked(d.buf.data()) {
             Ok(m) => (m.receiver_index(), m.counter()),
@@ -599,17 +694,42 @@ impl Device {
         }
         let wire_len = d.buf.len();
         d.buf.advance(TRANSPORT_HEADER_LEN).expect("length checked by classify");
-        let Some(len) = kp.open(counter, d.buf.data_mut()) else {
-            return self.drop_buf(Some(pid), DropReason::DecryptFailed, d.buf);
+        batch.push_open(&kp.recv, counter, pid, index, wire_len, d.addr, d.buf);
+    }
+
+    /// The second half: the message was opened (or failed to) outside the device.
+    fn deliver(
+        &mut self,
+        now: Instant,
+        job: OpenJob,
+        batch: &mut CryptoBatch,
+        packets: &mut Vec<PacketBuf>,
+        out: &mut Vec<Datagram>,
+    ) {
+        let timing = self.config.timing;
+        let pid = job.peer;
+        let mut buf = job.buf;
+        if job.opened != Some(true) {
+            return self.drop_buf(Some(pid), DropReason::DecryptFailed, buf);
+        }
+        // The keypair may have been replaced (or the peer removed) while the message was
+        // being opened: its replay window is then gone, so the message cannot be accepted.
+        if self.by_index.get(&job.local_index) != Some(&pid) {
+            return self.drop_buf(None, DropReason::ExpiredKeypair, buf);
+        }
+        let peer = self.peer_mut(pid);
+        let Some(slot) = peer.slot_of(job.local_index) else {
+            return self.drop_buf(Some(pid), DropReason::ExpiredKeypair, buf);
         };
         let kp = peer.keypair_mut(slot).expect("slot_of found it");
-        if kp.replay.accept(counter).is_err() {
-            return self.drop_buf(Some(pid), DropReason::Replay, d.buf);
+        if kp.replay.accept(job.counter).is_err() {
+            return self.drop_buf(Some(pid), DropReason::Replay, buf);
         }
-        d.buf.truncate(len);
+        let len = buf.len().saturating_sub(TAG_LEN);
+        buf.truncate(len);
         // Authenticated from here on.
-        peer.stats.rx_bytes += wire_len as u64;
-        peer.endpoint = Some(d.addr);
+        peer.stats.rx_bytes += job.wire_len as u64;
+        peer.endpoint = Some(job.addr);
         let confirmed = slot == Slot::Next;
         if confirmed {
             self.confirm_next(pid);
@@ -618,15 +738,15 @@ impl Device {
         self.keep_key_fresh_on_receive(now, pid, out);
         if len == 0 {
             self.peer_mut(pid).stats.keepalives_received += 1;
-            self.pool.put(d.buf);
+            self.pool.put(buf);
         } else {
-            match ip::peek(d.buf.data()) {
-                Err(_) => self.drop_buf(Some(pid), DropReason::InnerMalformed, d.buf),
+            match ip::peek(buf.data()) {
+                Err(_) => self.drop_buf(Some(pid), DropReason::InnerMalformed, buf),
                 Ok(p) if self.routes.lookup(p.src) != Some(pid) => {
-                    self.drop_buf(Some(pid), DropReason::SourceNotAllowed, d.buf)
+                    self.drop_buf(Some(pid), DropReason::SourceNotAllowed, buf)
                 }
                 Ok(p) => {
-                    d.buf.truncate(p.total_len);
+                    buf.truncate(p.total_len);
                     let peer = self.peer_mut(pid);
                     peer.stats.rx_packets += 1;
                     if peer.timer(Timer::SendKeepalive).is_none() {
@@ -634,12 +754,12 @@ impl Device {
                     } else {
                         peer.need_another_keepalive = true;
                     }
-                    packets.push(d.buf);
+                    packets.push(buf);
                 }
             }
         }
         if confirmed {
-            self.send_staged(now, pid, out);
+            self.send_staged(now, pid, batch, out);
         }
     }
 
@@ -839,7 +959,13 @@ impl Device {
         self.session_derived(now, pid);
     }
 
-    fn receive_response(&mut self, now: Instant, d: Datagram, out: &mut Vec<Datagram>) {
+    fn receive_response(
+        &mut self,
+        now: Instant,
+        d: Datagram,
+        batch: &mut CryptoBatch,
+        out: &mut Vec<Datagram>,
+    ) {
         let (sender_index, receiver_index) = match HandshakeResponse::new_checked(d.buf.data()) {
             Ok(m) => (m.sender_index(), m.receiver_index()),
             Err(_) => return self.drop_buf(None, DropReason::Malformed, d.buf),
@@ -885,7 +1011,7 @@ impl Device {
         self.session_derived(now, pid);
         self.handshake_complete(pid);
         self.on_authenticated_received(now, pid);
-        self.send_keepalive(now, pid, out);
+        self.send_keepalive(now, pid, batch, out);
     }
 
     fn receive_cookie_reply(&mut self, now: Instant, d: Datagram) {
@@ -987,6 +1113,8 @@ impl Device {
 
     /// Runs every timer due at `now`: handshake retries, keepalives, rekeys, key erasure.
     pub fn on_timers(&mut self, now: Instant, out: &mut Vec<Datagram>) {
+        let mut batch = std::mem::take(&mut self.scratch);
+        self.adopt_batch(&mut batch);
         for i in 0..self.peers.len() {
             let pid = PeerId(i as u32);
             for timer in Timer::ALL {
@@ -995,12 +1123,22 @@ impl Device {
                     continue;
                 }
                 peer.cancel_timer(timer);
-                self.fire(now, pid, timer, out);
+                self.fire(now, pid, timer, &mut batch, out);
             }
         }
+        // Keepalives and staged packets: few, so sealed here rather than handed out.
+        batch.seal_into(out);
+        self.scratch = batch;
     }
 
-    fn fire(&mut self, now: Instant, pid: PeerId, timer: Timer, out: &mut Vec<Datagram>) {
+    fn fire(
+        &mut self,
+        now: Instant,
+        pid: PeerId,
+        timer: Timer,
+        batch: &mut CryptoBatch,
+        out: &mut Vec<Datagram>,
+    ) {
         let timing: Timing = self.config.timing;
         match timer {
             Timer::RetransmitHandshake => {
@@ -1024,7 +1162,7 @@ impl Device {
                 }
             }
             Timer::SendKeepalive => {
-                self.send_keepalive(now, pid, out);
+                self.send_keepalive(now, pid, batch, out);
                 let peer = self.peer_mut(pid);
                 if peer.need_another_keepalive {
                     peer.need_another_keepalive = false;
@@ -1035,7 +1173,7 @@ impl Device {
             Timer::ZeroKeyMaterial => self.clear_sessions(pid),
             Timer::PersistentKeepalive => {
                 if self.peer_mut(pid).persistent_keepalive.is_some() {
-                    self.send_keepalive(now, pid, out);
+                    self.send_keepalive(now, pid, batch, out);
                 }
             }
         }

@@ -11,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+mod batch;
 mod config;
 mod device;
 mod peer;
@@ -21,6 +22,7 @@ mod stats;
 #[cfg(feature = "sim")]
 pub mod sim;
 
+pub use batch::CryptoBatch;
 pub use config::{DeviceConfig, IpNet, IpNetError, PeerConfig, Timing};
 pub use device::{Device, DeviceError, PeerId, PeerView};
 pub use ratelimit::RateLimiter;

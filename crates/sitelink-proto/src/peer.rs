@@ -2,13 +2,13 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sitelink_crypto::cookie::MacSealer;
 use sitelink_crypto::noise::{InitiatorState, PeerKeys, SessionKeys};
-use sitelink_crypto::{ReplayWindow, SealError, Tai64N, TransportKey};
+use sitelink_crypto::{ReplayWindow, Tai64N, TransportKey};
 use sitelink_frame::PacketBuf;
-use sitelink_frame::wire::{TRANSPORT_HEADER_LEN, write_transport_header};
 
 use crate::config::{IpNet, Timing};
 use crate::stats::PeerStats;
@@ -40,9 +40,12 @@ impl Timer {
 }
 
 /// A transport keypair: one key each way, the sending counter and the replay window.
+///
+/// The keys are shared (by reference count) with the [`CryptoBatch`](crate::CryptoBatch)es
+/// that seal and open under them outside the device; the counter and the window stay here.
 pub(crate) struct Keypair {
-    send: TransportKey,
-    recv: TransportKey,
+    pub(crate) send: Arc<TransportKey>,
+    pub(crate) recv: Arc<TransportKey>,
     pub(crate) send_counter: u64,
     pub(crate) replay: ReplayWindow,
     pub(crate) local_index: u32,
@@ -54,8 +57,8 @@ pub(crate) struct Keypair {
 impl Keypair {
     pub(crate) fn new(keys: &SessionKeys, now: Instant) -> Self {
         Keypair {
-            send: TransportKey::new(&keys.send),
-            recv: TransportKey::new(&keys.recv),
+            send: Arc::new(TransportKey::new(&keys.send)),
+            recv: Arc::new(TransportKey::new(&keys.recv)),
             send_counter: 0,
             replay: ReplayWindow::new(),
             local_index: keys.local_index,
@@ -79,24 +82,12 @@ impl Keypair {
             && self.replay.next_expected() < timing.reject_after_messages
     }
 
-    /// Seals the packet in `buf` in place and prepends the transport header.
+    /// Takes the next sending counter.
     #[inline]
-    pub(crate) fn seal(&mut self, buf: &mut PacketBuf, mtu: usize) -> Result<(), SealError> {
-        if buf.headroom() < TRANSPORT_HEADER_LEN {
-            return Err(SealError::NoTailroom { have: buf.headroom(), need: TRANSPORT_HEADER_LEN });
-        }
+    pub(crate) fn next_counter(&mut self) -> u64 {
         let counter = self.send_counter;
-        self.send.seal(counter, buf, mtu)?;
-        let header = buf.prepend(TRANSPORT_HEADER_LEN).expect("headroom checked");
-        write_transport_header(header.try_into().expect("16 bytes"), self.remote_index, counter);
         self.send_counter += 1;
-        Ok(())
-    }
-
-    /// Opens `ciphertext` in place; returns the plaintext length.
-    #[inline]
-    pub(crate) fn open(&self, counter: u64, ciphertext: &mut [u8]) -> Option<usize> {
-        self.recv.open(counter, ciphertext).ok().map(|p| p.len())
+        counter
     }
 }
 
