@@ -233,6 +233,17 @@ impl BufPool {
         }
     }
 
+    /// Moves up to `n` free buffers to `other` (as far as `other` keeps them: see
+    /// [`put`](Self::put)); returns how many moved. Pools that pass buffers to each other
+    /// (one per worker thread, and the engine's) even out with it, without allocating.
+    pub fn give(&mut self, other: &mut BufPool, n: usize) -> usize {
+        let n = n.min(self.free.len()).min(other.max_free.saturating_sub(other.free.len()));
+        for buf in self.free.drain(self.free.len() - n..) {
+            other.put(buf);
+        }
+        n
+    }
+
     /// Number of free buffers held.
     pub fn free_len(&self) -> usize {
         self.free.len()
@@ -257,6 +268,17 @@ impl BufPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn give_moves_free_buffers_within_the_receivers_limit() {
+        let mut a = BufPool::new(128, 16, 10);
+        let mut b = BufPool::new(128, 16, 3);
+        a.prefill(8);
+        assert_eq!(a.give(&mut b, 5), 3, "b keeps at most 3");
+        assert_eq!((a.free_len(), b.free_len()), (5, 3));
+        assert_eq!(b.give(&mut a, 100), 3);
+        assert_eq!((a.free_len(), b.free_len(), b.allocated()), (8, 0, 0));
+    }
 
     #[test]
     fn grows_at_both_ends_in_place() {

@@ -1,6 +1,6 @@
 //! sitelink: an encrypted site-to-site link that speaks WireGuard, to embed in your program.
 //!
-//! A [`Link`] runs the sans-IO engine ([`sitelink_proto::Device`]) on a worker thread over
+//! A [`Link`] runs the sans-IO engine ([`sitelink_proto::Device`]) on worker threads over
 //! batched kernel I/O ([`sitelink_io`]): IP packets from a TUN device, or handed in by the
 //! application itself in the embedded mode, become WireGuard datagrams on a UDP socket, and
 //! back.
@@ -43,6 +43,7 @@ pub use sitelink_proto::{
 };
 
 use sitelink_io::{UdpConfig, UdpSocket, Waker};
+use sitelink_proto::BufPool;
 use sitelink_proto::Device;
 
 /// Errors of starting or reconfiguring a link.
@@ -81,7 +82,11 @@ pub struct LinkBuilder {
     udp: UdpConfig,
     backend: BackendKind,
     batch: usize,
+    workers: usize,
 }
+
+/// The most worker threads a link runs.
+pub const MAX_WORKERS: usize = 64;
 
 impl LinkBuilder {
     /// A link with this private key, the protocol's defaults, a random port and the io_uring
@@ -94,6 +99,7 @@ impl LinkBuilder {
             udp: UdpConfig::default(),
             backend: BackendKind::Uring,
             batch: sitelink_io::DEFAULT_BATCH,
+            workers: 1,
         }
     }
 
@@ -154,65 +160,129 @@ impl LinkBuilder {
         self
     }
 
+    /// Worker threads (default 1, at most [`MAX_WORKERS`]). Each has its own I/O: a queue of
+    /// the TUN device (which must then be multi-queue; see [`Tun::open`]) or of the embedded
+    /// pipe, a UDP socket on the shared port (`SO_REUSEPORT`), its own io_uring and buffers.
+    /// The kernel spreads packets over the queues by flow and datagrams over the sockets by
+    /// source address, so each flow keeps its order. Workers share the engine, holding it only
+    /// to route, count and check; sealing and opening run outside it, in parallel.
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n.clamp(1, MAX_WORKERS);
+        self
+    }
+
     /// Gives access to the engine's configuration (load thresholds, staging queue).
     pub fn device_config(mut self, f: impl FnOnce(&mut DeviceConfig)) -> Self {
         f(&mut self.device);
         self
     }
 
-    /// Starts the link over a TUN device.
-    pub fn start_tun(self, tun: Tun) -> Result<Link, LinkError> {
+    /// Starts the link over a TUN device. With more than one worker, the device must be
+    /// multi-queue (`Tun::open(name, true)`): one more queue is attached per worker. A device
+    /// that is not runs one worker, and says so in the log.
+    pub fn start_tun(mut self, tun: Tun) -> Result<Link, LinkError> {
         let name = tun.name().to_owned();
-        self.start(tun.into_packet_fd(), Some(name))
+        if self.workers > 1 && !tun.is_multi_queue() {
+            tracing::warn!(
+                interface = %name,
+                workers = self.workers,
+                "the TUN device is not multi-queue; running one worker"
+            );
+            self.workers = 1;
+        }
+        let mut queues = Vec::with_capacity(self.workers);
+        for _ in 1..self.workers {
+            queues.push(tun.open_queue().map_err(LinkError::io("attaching a TUN queue"))?.into_packet_fd());
+        }
+        queues.insert(0, tun.into_packet_fd());
+        self.start(queues, Some(name))
     }
 
     /// Starts the link in the embedded mode: the application sends and receives the inner IP
-    /// packets itself through the returned [`PacketPipe`]; no TUN device, no root.
+    /// packets itself through the returned [`PacketPipe`] (one queue per worker); no TUN
+    /// device, no root.
     pub fn start_embedded(self) -> Result<(Link, PacketPipe), LinkError> {
-        let (pipe, fd) = PacketPipe::pair().map_err(LinkError::io("creating the packet pipe"))?;
-        Ok((self.start(fd, None)?, pipe))
+        let (pipe, queues) =
+            PacketPipe::with_queues(self.workers).map_err(LinkError::io("creating the packet pipe"))?;
+        Ok((self.start(queues, None)?, pipe))
     }
 
-    fn start(self, packets: sitelink_io::PacketFd, ifname: Option<String>) -> Result<Link, LinkError> {
-        let udp = UdpSocket::bind(self.udp).map_err(LinkError::io("binding the UDP port"))?;
-        let port = udp.port();
-        let (io, fallback) = sitelink_io::open_backend(self.backend, packets, udp, self.batch)
-            .map_err(LinkError::io("opening the I/O backend"))?;
-        if let Some(why) = &fallback {
-            tracing::warn!("{why}");
+    fn start(self, queues: Vec<sitelink_io::PacketFd>, ifname: Option<String>) -> Result<Link, LinkError> {
+        let mut udp_config = self.udp;
+        udp_config.reuse_port = queues.len() > 1;
+        let sockets = bind_sockets(udp_config, queues.len())?;
+        let port = sockets[0].port();
+        udp_config.port = port;
+        let mut ios = Vec::with_capacity(queues.len());
+        for (packets, udp) in queues.into_iter().zip(sockets) {
+            let (io, fallback) = sitelink_io::open_backend(self.backend, packets, udp, self.batch)
+                .map_err(LinkError::io("opening the I/O backend"))?;
+            if let Some(why) = &fallback
+                && ios.is_empty()
+            {
+                tracing::warn!("{why}");
+            }
+            ios.push(io);
         }
-        let backend = io.kind();
+        let backend = ios[0].kind();
         let now = Instant::now();
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut device = Device::new(self.device, Box::new(OsRandom), now, unix);
         for peer in self.peers {
             device.upsert_peer(now, peer).map_err(|_| LinkError::OwnPublicKey)?;
         }
+        let (buf_capacity, buf_headroom) =
+            (device.pool_mut().buf_capacity(), device.pool_mut().buf_headroom());
         let shared = Arc::new(Shared {
             device: Mutex::new(device),
-            pending_socket: Mutex::new(None),
-            io_stats: Mutex::new(IoStats::default()),
+            workers: ios.iter().map(|_| WorkerSlot::default()).collect(),
+            wakers: ios.iter().map(|io| io.waker()).collect(),
             stop: AtomicBool::new(false),
             keyed: AtomicBool::new(self.keyed),
             port: AtomicU16::new(port),
             fwmark: AtomicU32::new(self.udp.fwmark),
-            udp: Mutex::new(self.udp),
+            udp: Mutex::new(udp_config),
         });
-        let waker = io.waker();
-        let worker_shared = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("sitelink-worker".into())
-            .spawn(move || worker::run(worker_shared, io))
-            .map_err(LinkError::io("spawning the worker thread"))?;
-        Ok(Link { shared, waker, thread: Mutex::new(Some(thread)), backend, ifname })
+        let mut threads = Vec::with_capacity(ios.len());
+        for (index, io) in ios.into_iter().enumerate() {
+            let worker_shared = Arc::clone(&shared);
+            let pool = BufPool::new(buf_capacity, buf_headroom, worker::POOL_MAX_FREE);
+            let spawned = std::thread::Builder::new()
+                .name(format!("sitelink-worker-{index}"))
+                .spawn(move || worker::run(worker_shared, index, io, pool));
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // Stop the workers already running before giving up.
+                    shared.stop_all();
+                    threads.into_iter().for_each(|t: JoinHandle<()>| drop(t.join()));
+                    return Err(LinkError::Io { what: "spawning a worker thread", source: e });
+                }
+            }
+        }
+        Ok(Link { shared, threads: Mutex::new(threads), backend, ifname })
     }
 }
 
-/// State shared by the worker and the control side.
+/// Binds `n` sockets on one port: the first as `config` says (port 0 picks one), the others
+/// on the port the first got (`config.reuse_port` must be set when `n` > 1).
+fn bind_sockets(mut config: UdpConfig, n: usize) -> Result<Vec<UdpSocket>, LinkError> {
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = UdpSocket::bind(config).map_err(LinkError::io("binding the UDP port"))?;
+        config.port = socket.port();
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}
+
+/// State shared by the workers and the control side.
 pub(crate) struct Shared {
     pub(crate) device: Mutex<Device>,
-    pub(crate) pending_socket: Mutex<Option<UdpSocket>>,
-    pub(crate) io_stats: Mutex<IoStats>,
+    /// One slot per worker, in worker order.
+    pub(crate) workers: Vec<WorkerSlot>,
+    /// Wakes each worker, in worker order.
+    pub(crate) wakers: Vec<Waker>,
     pub(crate) stop: AtomicBool,
     pub(crate) keyed: AtomicBool,
     pub(crate) port: AtomicU16,
@@ -220,15 +290,35 @@ pub(crate) struct Shared {
     udp: Mutex<UdpConfig>,
 }
 
+impl Shared {
+    pub(crate) fn wake_all(&self) {
+        self.wakers.iter().for_each(Waker::wake);
+    }
+
+    /// Tells every worker to stop.
+    pub(crate) fn stop_all(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake_all();
+    }
+}
+
+/// What the control side hands one worker, and what the worker reports back.
+#[derive(Default)]
+pub(crate) struct WorkerSlot {
+    /// A socket on a new listen port, for the worker to switch to.
+    pub(crate) pending_socket: Mutex<Option<UdpSocket>>,
+    /// The worker's I/O counters as of its last turn.
+    pub(crate) io_stats: Mutex<IoStats>,
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A running link. Dropping it stops the worker.
+/// A running link. Dropping it stops the workers.
 pub struct Link {
     shared: Arc<Shared>,
-    waker: Waker,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
     backend: BackendKind,
     ifname: Option<String>,
 }
@@ -239,6 +329,7 @@ impl std::fmt::Debug for Link {
             .field("public_key", &self.public_key())
             .field("port", &self.port())
             .field("backend", &self.backend)
+            .field("workers", &self.workers())
             .field("interface", &self.ifname)
             .finish_non_exhaustive()
     }
@@ -266,8 +357,10 @@ pub struct PeerSnapshot {
 pub struct LinkStats {
     /// The engine's counters: drops by reason, handshakes, cookies.
     pub device: DeviceStats,
-    /// The I/O backend's counters.
+    /// The I/O counters, summed over the workers.
     pub io: IoStats,
+    /// The I/O counters of each worker, in worker order.
+    pub io_per_worker: Vec<IoStats>,
     /// Every peer.
     pub peers: Vec<PeerSnapshot>,
 }
@@ -295,6 +388,15 @@ impl Link {
         self.backend
     }
 
+    /// The number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.shared.workers.len()
+    }
+
+    fn wake_all(&self) {
+        self.shared.wake_all();
+    }
+
     /// The TUN interface's name, if the link runs over one.
     pub fn interface(&self) -> Option<&str> {
         self.ifname.as_deref()
@@ -307,19 +409,22 @@ impl Link {
 
     /// Counters of the engine, the I/O and every peer.
     pub fn stats(&self) -> LinkStats {
-        let io = lock(&self.shared.io_stats).clone();
+        let io_per_worker: Vec<IoStats> =
+            self.shared.workers.iter().map(|w| lock(&w.io_stats).clone()).collect();
+        let mut io = IoStats::default();
+        io_per_worker.iter().for_each(|w| io.add(w));
         let dev = lock(&self.shared.device);
-        LinkStats { device: dev.stats().clone(), io, peers: snapshot_peers(&dev) }
+        LinkStats { device: dev.stats().clone(), io, io_per_worker, peers: snapshot_peers(&dev) }
     }
 
-    /// Runs `f` on the engine with the worker paused, then wakes the worker (its timers may
+    /// Runs `f` on the engine with the workers held off it, then wakes them (its timers may
     /// have moved). The escape hatch for anything the methods here do not cover.
     pub fn with_device<R>(&self, f: impl FnOnce(&mut Device, Instant) -> R) -> R {
         let r = {
             let mut dev = lock(&self.shared.device);
             f(&mut dev, Instant::now())
         };
-        self.waker.wake();
+        self.wake_all();
         r
     }
 
@@ -351,7 +456,7 @@ impl Link {
     }
 
     /// Moves the link to another UDP port (0 for any free one). Traffic resumes on the new port
-    /// as soon as the worker picks the socket up.
+    /// as soon as the workers pick their sockets up.
     pub fn set_listen_port(&self, port: u16) -> Result<u16, LinkError> {
         if port != 0 && port == self.port() {
             return Ok(port);
@@ -361,11 +466,14 @@ impl Link {
             udp.port = port;
             *udp
         };
-        let socket = UdpSocket::bind(config).map_err(LinkError::io("binding the UDP port"))?;
-        let bound = socket.port();
-        *lock(&self.shared.pending_socket) = Some(socket);
+        let sockets = bind_sockets(config, self.shared.workers.len())?;
+        let bound = sockets[0].port();
+        lock(&self.shared.udp).port = bound;
+        for (slot, socket) in self.shared.workers.iter().zip(sockets) {
+            *lock(&slot.pending_socket) = Some(socket);
+        }
         self.shared.port.store(bound, Ordering::Relaxed);
-        self.waker.wake();
+        self.wake_all();
         Ok(bound)
     }
 
@@ -373,21 +481,21 @@ impl Link {
     pub fn set_fwmark(&self, mark: u32) {
         lock(&self.shared.udp).fwmark = mark;
         self.shared.fwmark.store(mark, Ordering::Relaxed);
-        self.waker.wake();
+        self.wake_all();
     }
 
-    /// Stops the worker and waits for it. Idempotent.
+    /// Stops the workers and waits for them. Idempotent.
     pub fn shutdown(&self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        self.waker.wake();
-        if let Some(t) = lock(&self.thread).take() {
+        self.shared.stop_all();
+        for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
     }
 
-    /// Whether the worker has stopped (after [`shutdown`](Self::shutdown), or a fatal error).
+    /// Whether the workers have stopped (after [`shutdown`](Self::shutdown), or a fatal
+    /// error: one worker's stop stops them all).
     pub fn is_stopped(&self) -> bool {
-        lock(&self.thread).as_ref().is_none_or(|t| t.is_finished())
+        lock(&self.threads).iter().all(|t| t.is_finished())
     }
 }
 

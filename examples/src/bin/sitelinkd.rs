@@ -1,6 +1,7 @@
 //! sitelinkd: a userspace WireGuard built on sitelink, for `wg` and `wg-quick`.
 //!
-//! `sitelinkd [-f|--foreground] [--backend uring|mmsg] IFNAME` follows wireguard-go's contract:
+//! `sitelinkd [-f|--foreground] [--backend uring|mmsg] [--workers N] IFNAME` follows
+//! wireguard-go's contract:
 //! it creates the TUN interface IFNAME (or takes the descriptor in `WG_TUN_FD`), serves the
 //! UAPI on /var/run/wireguard/IFNAME.sock (or on the listening descriptor in `WG_UAPI_FD`),
 //! daemonizes unless `-f` is given (or `WG_PROCESS_FOREGROUND=1`), and exits cleanly on
@@ -36,6 +37,11 @@ struct Args {
     /// later). A file that others may read is warned about.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Worker threads, each with its own TUN queue, UDP socket and ring (the interface is
+    /// created multi-queue when more than one).
+    #[arg(long, default_value_t = 1, env = "SITELINK_WORKERS",
+          value_parser = clap::value_parser!(u16).range(1..=sitelink::MAX_WORKERS as i64))]
+    workers: u16,
     /// Tunnel MTU set on a newly created interface.
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
@@ -81,6 +87,8 @@ fn daemonize(args: &Args) -> ExitCode {
         .arg(args.backend.name())
         .arg("--mtu")
         .arg(args.mtu.to_string())
+        .arg("--workers")
+        .arg(args.workers.to_string())
         .args(args.time_scale.map(|f| format!("--time-scale={f}")))
         .args(args.config.iter().flat_map(|c| [std::ffi::OsString::from("--config"), c.clone().into()]))
         .arg(&args.ifname)
@@ -146,7 +154,8 @@ fn run(args: &Args) -> Result<(), String> {
     let tun = match env_fd("WG_TUN_FD")? {
         Some(fd) => Tun::from_raw_inherited(fd).map_err(|e| format!("WG_TUN_FD: {e}"))?,
         None => {
-            let tun = open_tun(&args.ifname).map_err(|e| format!("creating TUN {}: {e}", args.ifname))?;
+            let tun = open_tun(&args.ifname, args.workers > 1)
+                .map_err(|e| format!("creating TUN {}: {e}", args.ifname))?;
             tun.set_mtu(args.mtu).map_err(|e| format!("setting the MTU of {}: {e}", tun.name()))?;
             tun
         }
@@ -162,7 +171,8 @@ fn run(args: &Args) -> Result<(), String> {
             (l, SocketFile(Some(path)))
         }
     };
-    let mut builder = LinkBuilder::unkeyed().backend(args.backend).mtu(mtu);
+    let mut builder =
+        LinkBuilder::unkeyed().backend(args.backend).mtu(mtu).workers(usize::from(args.workers));
     if let Some(f) = args.time_scale {
         tracing::warn!(factor = f, "protocol timers scaled for testing");
         builder = builder.timing(sitelink::Timing::scaled(f));
@@ -171,7 +181,13 @@ fn run(args: &Args) -> Result<(), String> {
     if let Some(path) = &args.config {
         apply_config(&link, path)?;
     }
-    tracing::info!(interface = %ifname, backend = link.backend().name(), port = link.port(), "sitelinkd running");
+    tracing::info!(
+        interface = %ifname,
+        backend = link.backend().name(),
+        workers = link.workers(),
+        port = link.port(),
+        "sitelinkd running"
+    );
     let link = Arc::new(link);
     uapi::serve(Arc::clone(&link), listener).map_err(|e| format!("starting the UAPI server: {e}"))?;
     loop {
@@ -225,11 +241,11 @@ fn apply_config(link: &sitelink::Link, path: &std::path::Path) -> Result<(), Str
 
 /// Opens the TUN interface, waiting a little while it is still held by a process that just
 /// exited (the kernel may release it asynchronously).
-fn open_tun(name: &str) -> std::io::Result<Tun> {
+fn open_tun(name: &str, multi_queue: bool) -> std::io::Result<Tun> {
     const EBUSY: i32 = 16;
     let start = Instant::now();
     loop {
-        match Tun::open(name, false) {
+        match Tun::open(name, multi_queue) {
             Err(e) if e.raw_os_error() == Some(EBUSY) && start.elapsed() < Duration::from_secs(3) => {
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -74,12 +74,25 @@ pub(crate) fn tun_open(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, St
     Ok((fd, req.name()))
 }
 
-/// The interface name of an open TUN descriptor (one handed over by a parent process).
-pub(crate) fn tun_name(fd: BorrowedFd<'_>) -> io::Result<String> {
+/// The interface name of an open TUN descriptor (one handed over by a parent process), and
+/// whether it was attached with `IFF_MULTI_QUEUE`.
+pub(crate) fn tun_info(fd: BorrowedFd<'_>) -> io::Result<(String, bool)> {
     let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
     // SAFETY: TUNGETIFF writes one `struct ifreq` into `req`; the descriptor is borrowed live.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF as _, &mut req as *mut IfReq) })?;
-    Ok(req.name())
+    let flags = libc::c_short::from_ne_bytes([req.data[0], req.data[1]]);
+    Ok((req.name(), flags & libc::IFF_MULTI_QUEUE as libc::c_short != 0))
+}
+
+/// Receives one datagram into `buf` if one is queued, without blocking: `Ok(None)` if none.
+pub(crate) fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call's duration.
+    let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    match check_size(r) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn ifreq_ioctl(name: &str, request: libc::c_ulong, value: Option<libc::c_int>) -> io::Result<libc::c_int> {
@@ -168,12 +181,15 @@ pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
 }
 
 /// Which of the descriptors given to [`poll`] are readable.
+/// The most descriptors [`poll`] takes.
+pub(crate) const POLL_MAX: usize = 64;
+
 pub(crate) fn poll(
     fds: &[BorrowedFd<'_>],
     readable: &mut [bool],
     timeout: Option<Duration>,
 ) -> io::Result<()> {
-    const MAX: usize = 4;
+    const MAX: usize = POLL_MAX;
     assert!(fds.len() <= MAX && readable.len() == fds.len(), "poll: at most {MAX} descriptors");
     let mut pfds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; MAX];
     for (p, fd) in pfds.iter_mut().zip(fds) {

@@ -1,0 +1,191 @@
+//! Links with several workers, in the embedded mode (no root): two links in one process over
+//! loopback UDP. Many flows go through; each must arrive whole and in order, and the work
+//! must really be spread over the sending link's workers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use sitelink::{BackendKind, Link, LinkBuilder, OsRandom, PacketPipe, PeerConfig, PrivateKey};
+use sitelink_frame::ip;
+
+const A: [u8; 4] = [10, 9, 0, 1];
+const B: [u8; 4] = [10, 9, 0, 2];
+
+fn pair(backend: BackendKind, workers: usize) -> ((Link, PacketPipe), (Link, PacketPipe)) {
+    let (key_a, key_b) = (PrivateKey::generate(&mut OsRandom), PrivateKey::generate(&mut OsRandom));
+    let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
+    let start = |key| {
+        LinkBuilder::new(key)
+            .loopback_only(true)
+            .backend(backend)
+            .workers(workers)
+            .start_embedded()
+            .expect("link starts")
+    };
+    let (a, b) = (start(key_a), start(key_b));
+    let mut peer_b = PeerConfig::new(pub_b);
+    peer_b.endpoint = Some(([127, 0, 0, 1], b.0.port()).into());
+    peer_b.allowed_ips = vec!["10.9.0.2/32".parse().unwrap()];
+    a.0.set_peer(peer_b).unwrap();
+    let mut peer_a = PeerConfig::new(pub_a);
+    peer_a.endpoint = Some(([127, 0, 0, 1], a.0.port()).into());
+    peer_a.allowed_ips = vec!["10.9.0.1/32".parse().unwrap()];
+    b.0.set_peer(peer_a).unwrap();
+    (a, b)
+}
+
+/// A UDP-in-IPv4 packet of flow `flow` (its source port) carrying `seq`.
+fn packet(src: [u8; 4], dst: [u8; 4], flow: u16, seq: u32) -> Vec<u8> {
+    let mut udp = Vec::with_capacity(8 + 200);
+    udp.extend_from_slice(&(10_000 + flow).to_be_bytes());
+    udp.extend_from_slice(&9000u16.to_be_bytes());
+    udp.extend_from_slice(&208u16.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&seq.to_be_bytes());
+    udp.resize(8 + 200, (seq % 251) as u8);
+    let mut buf = vec![0u8; 20 + udp.len()];
+    let n = ip::build_ipv4(&mut buf, src.into(), dst.into(), 17, &udp).unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// (flow, seq) of a packet built by [`packet`], checking its body.
+fn parse(p: &[u8]) -> (u16, u32) {
+    let udp = &p[20..];
+    let flow = u16::from_be_bytes([udp[0], udp[1]]) - 10_000;
+    let seq = u32::from_be_bytes(udp[8..12].try_into().unwrap());
+    assert!(udp[12..].iter().all(|&b| b == (seq % 251) as u8), "body of {flow}/{seq} corrupted");
+    (flow, seq)
+}
+
+/// Receives until `want` packets came or `limit` passed.
+fn receive(pipe: &PacketPipe, want: usize, limit: Duration) -> Vec<Vec<u8>> {
+    pipe.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let start = Instant::now();
+    while got.len() < want && start.elapsed() < limit {
+        if let Ok(n) = pipe.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    got
+}
+
+/// How long the bulk transfer may take before the test gives up.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Receives until `want` packets came or [`LIMIT`] passed, counting in `received`.
+fn receive_counting(pipe: &PacketPipe, want: usize, received: &AtomicUsize) -> Vec<Vec<u8>> {
+    pipe.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut got = Vec::with_capacity(want);
+    let mut buf = vec![0u8; 2048];
+    let start = Instant::now();
+    while got.len() < want && start.elapsed() < LIMIT {
+        if let Ok(n) = pipe.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+            received.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    got
+}
+
+fn many_flows_arrive_whole_and_in_order(backend: BackendKind) {
+    const FLOWS: u16 = 32;
+    const PER_FLOW: u32 = 100;
+    let ((a, pa), (b, pb)) = pair(backend, 2);
+    assert_eq!((a.workers(), b.workers(), pa.queues()), (2, 2, 2));
+    // The first packet starts the handshake; wait for it, so nothing waits in the small
+    // staging queue while the bulk goes.
+    pa.send(&packet(A, B, 0, u32::MAX)).unwrap();
+    assert_eq!(receive(&pb, 1, Duration::from_secs(10)).len(), 1, "handshake and first packet");
+    pb.send(&packet(B, A, 0, u32::MAX)).unwrap();
+    assert_eq!(receive(&pa, 1, Duration::from_secs(10)).len(), 1, "first packet back");
+
+    // The sender keeps at most WINDOW packets unreceived: a receiving application that falls
+    // behind loses packets at its full pipe, as a full TUN queue would (counted as
+    // tun_write_errors; a Unix datagram queue holds net.unix.max_dgram_qlen = 10 by default),
+    // and this test is about order, not about overrunning the reader.
+    const WINDOW: usize = 8;
+    let received = Arc::new(AtomicUsize::new(0));
+    let sender = {
+        let received = Arc::clone(&received);
+        std::thread::spawn(move || {
+            let mut sent = 0;
+            let start = Instant::now();
+            for seq in 0..PER_FLOW {
+                for flow in 0..FLOWS {
+                    while sent - received.load(Ordering::Relaxed) >= WINDOW && start.elapsed() < LIMIT {
+                        std::thread::yield_now();
+                    }
+                    pa.send(&packet(A, B, flow, seq)).unwrap();
+                    sent += 1;
+                }
+            }
+            pa
+        })
+    };
+    let got = receive_counting(&pb, usize::from(FLOWS) * PER_FLOW as usize, &received);
+    let _pa = sender.join().unwrap();
+    let mut next: HashMap<u16, u32> = HashMap::new();
+    for p in &got {
+        let (flow, seq) = parse(p);
+        let expected = next.entry(flow).or_insert(0);
+        assert_eq!(seq, *expected, "flow {flow} out of order");
+        *expected += 1;
+    }
+    assert_eq!(got.len(), usize::from(FLOWS) * PER_FLOW as usize, "every packet delivered");
+
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!(sa.io_per_worker.len(), 2);
+    for (i, w) in sa.io_per_worker.iter().enumerate() {
+        assert!(w.tun_rx > 0 && w.udp_tx > 0, "A's worker {i} moved nothing: {w:?}");
+    }
+    assert_eq!(sa.io.tun_rx, sa.io_per_worker.iter().map(|w| w.tun_rx).sum::<u64>());
+    assert_eq!(sb.device.drops.total(), 0, "drops at B: {:?}", sb.device.drops);
+    assert_eq!(sb.io.tun_write_errors, 0, "B's application pipe overflowed: {:?}", sb.io);
+    assert_eq!(sb.peers[0].stats.rx_packets, u64::from(FLOWS) * u64::from(PER_FLOW) + 1);
+}
+
+#[test]
+fn many_flows_over_two_workers_uring() {
+    many_flows_arrive_whole_and_in_order(BackendKind::Uring);
+}
+
+#[test]
+fn many_flows_over_two_workers_mmsg() {
+    many_flows_arrive_whole_and_in_order(BackendKind::Mmsg);
+}
+
+#[test]
+fn a_new_listen_port_reaches_every_worker() {
+    let ((a, pa), (b, pb)) = pair(BackendKind::Mmsg, 3);
+    pa.send(&packet(A, B, 0, 0)).unwrap();
+    assert_eq!(receive(&pb, 1, Duration::from_secs(10)).len(), 1);
+    let old = b.port();
+    let new = b.set_listen_port(0).unwrap();
+    assert_ne!(new, old);
+    assert_eq!(b.port(), new);
+    // A learns of the move from B's next packet (roaming), so B speaks first.
+    pb.send(&packet(B, A, 1, 1)).unwrap();
+    assert_eq!(receive(&pa, 1, Duration::from_secs(10)).len(), 1, "B reaches A from its new port");
+    for seq in 0..40 {
+        pa.send(&packet(A, B, seq as u16, seq)).unwrap();
+    }
+    assert_eq!(receive(&pb, 40, Duration::from_secs(10)).len(), 40, "A reaches B on its new port");
+    let endpoint = a.stats().peers[0].endpoint.unwrap();
+    assert_eq!(endpoint.port(), new);
+}
+
+#[test]
+fn shutdown_stops_every_worker() {
+    let ((a, _pa), (b, _pb)) = pair(BackendKind::Uring, 4);
+    assert_eq!(a.workers(), 4);
+    assert!(!a.is_stopped());
+    a.shutdown();
+    assert!(a.is_stopped());
+    a.shutdown();
+    drop(b);
+}
