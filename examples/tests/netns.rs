@@ -13,10 +13,18 @@ use common::{Impl, Pair, can_run, needs};
 
 /// sitelinkd (backend `backend`) on side A, `peer` on side B; `initiator` sends first.
 fn link_test(backend: &'static str, peer: Impl, initiator: usize) {
+    link_test_with(backend, peer, initiator, 1);
+}
+
+/// As [`link_test`], with `workers` sitelinkd workers on side A (and on side B if it is
+/// sitelinkd too). Returns the pair, still running.
+fn link_test_with(backend: &'static str, peer: Impl, initiator: usize, workers: usize) -> Option<Pair> {
     if !can_run(&needs(peer)) {
-        return;
+        return None;
     }
     let mut pair = Pair::new();
+    let args = vec!["--workers".to_owned(), workers.to_string()];
+    pair.extra_args = [args.clone(), args];
     pair.start(0, Impl::Sitelink(backend));
     pair.start(1, peer);
     pair.configure();
@@ -39,6 +47,43 @@ fn link_test(backend: &'static str, peer: Impl, initiator: usize) {
         let (a, b) = (pair.transfer(0), pair.transfer(1));
         assert!(b.0 <= a.1 + 4096 && a.0 <= b.1 + 4096, "A (rx, tx) {a:?} B {b:?}");
     }
+    Some(pair)
+}
+
+/// The numbers in a `name=[a, b, ...]` field of sitelinkd's final counters line.
+fn per_worker(line: &str, name: &str) -> Vec<u64> {
+    let start =
+        line.find(&format!("{name}=[")).unwrap_or_else(|| panic!("{name} not in {line}")) + name.len() + 2;
+    let end = start + line[start..].find(']').expect("closing bracket");
+    line[start..end].split(',').map(|n| n.trim().parse().expect("a count")).collect()
+}
+
+/// Two workers on each side (a multi-queue TUN device, two sockets on one port): the usual
+/// checks pass, and many flows at once are spread over both of side A's TUN queues.
+#[test]
+fn sitelink_two_workers_with_sitelink_two_workers() {
+    let Some(mut pair) = link_test_with("uring", Impl::Sitelink("mmsg"), 0, 2) else { return };
+    // 64 UDP flows (one source port each) into the tunnel; the kernel picks each flow's queue.
+    pair.ns_exec(
+        0,
+        "python3 -c 'import socket\n\
+         socks=[socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(64)]\n\
+         [s.sendto(bytes(100), (\"10.202.0.2\", 9)) for _ in range(20) for s in socks]'",
+    );
+    let last = pair.stop_and_read_counters(0);
+    let tun_rx = per_worker(&last, "tun_rx_per_worker");
+    assert_eq!(tun_rx.len(), 2, "{last}");
+    assert!(tun_rx.iter().all(|&n| n > 0), "a worker read nothing from its TUN queue: {last}");
+}
+
+#[test]
+fn sitelink_two_workers_with_wireguard_go() {
+    link_test_with("uring", Impl::WireguardGo, 1, 2);
+}
+
+#[test]
+fn sitelink_two_workers_initiates_to_boringtun() {
+    link_test_with("mmsg", Impl::Boringtun, 0, 2);
 }
 
 #[test]

@@ -202,6 +202,7 @@ fn run(args: &Args) -> Result<(), String> {
     }
     link.shutdown();
     let stats = link.stats();
+    // The engine's own pool (handshakes, keepalives); the workers' pools are their own.
     let (buffers, free_buffers) =
         link.with_device(|dev, _| (dev.pool_mut().allocated(), dev.pool_mut().free_len()));
     tracing::info!(
@@ -211,6 +212,8 @@ fn run(args: &Args) -> Result<(), String> {
         cookie_replies = stats.device.cookie_replies_sent,
         drops = ?stats.device.drops,
         io = ?stats.io,
+        tun_rx_per_worker = ?stats.io_per_worker.iter().map(|w| w.tun_rx).collect::<Vec<_>>(),
+        udp_rx_per_worker = ?stats.io_per_worker.iter().map(|w| w.udp_rx).collect::<Vec<_>>(),
         "final counters"
     );
     drop(socket_file);
