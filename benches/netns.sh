@@ -2,7 +2,9 @@
 # The project's head-to-head: sitelinkd (each backend), wireguard-go and boringtun, each at
 # both ends of a tunnel between two network namespaces, configured with `wg` through the
 # common harness's helpers, measured in the same run. Prints one table:
-#   tcp_Gbps   iperf3 TCP through the tunnel for SECONDS
+#   tcp_Gbps   iperf3 TCP through the tunnel for SECONDS, one stream
+#   tcp4_Gbps  the same with four parallel streams (iperf3 -P 4), which a multi-queue TUN
+#              device can spread over sitelinkd's workers
 #   udp64_pps  64-byte UDP datagrams per second delivered through the tunnel, sent as fast as
 #              one sender thread can by our own generator (udprate: iperf3 tops out near
 #              90,000/s here, far below what the tunnels carry)
@@ -18,14 +20,22 @@ cargo build --release --quiet --bin sitelinkd --bin udprate || exit 1
 export SITELINKD=$PWD/target/release/sitelinkd
 UDPRATE=$PWD/target/release/udprate
 
-measure() { # label impl [backend]
+tcp4_gbps() { # seconds: four parallel streams from A to B
+  ip netns exec $NB iperf3 -s -1 -D >/dev/null 2>&1; sleep 0.3
+  ip netns exec $NA iperf3 -c 10.88.0.2 -P 4 -t $1 -J 2>/dev/null | python3 -c 'import json,sys
+try: print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))
+except Exception: print("FAILED")'
+}
+
+measure() { # label impl [backend] [workers]
   (
     NL_ID=$((RANDOM % 9000 + 1000)); NA=nlA$NL_ID; NB=nlB$NL_ID; IA=wa$NL_ID; IB=wb$NL_ID; NL_PIDS=()
     trap nl_cleanup EXIT
-    export SITELINK_BACKEND=${3:-uring}
-    nl_link $2 $2 >/dev/null 2>&1 || { printf '%-16s setup FAILED\n' "$1"; exit 0; }
+    export SITELINK_BACKEND=${3:-uring} SITELINK_WORKERS=${4:-1}
+    nl_link $2 $2 >/dev/null 2>&1 || { printf '%-18s setup FAILED\n' "$1"; exit 0; }
     ip netns exec $NA ping -c 3 -i 0.2 -W 2 -q 10.88.0.2 >/dev/null 2>&1
     tcp=$(nl_tcp_gbps $T)
+    tcp4=$(tcp4_gbps $T)
     ip netns exec $NB $UDPRATE recv 10.88.0.2:7000 $((T + 2)) >/tmp/udprate.$NL_ID 2>&1 &
     rpid=$!
     sleep 0.5
@@ -33,13 +43,14 @@ measure() { # label impl [backend]
     wait $rpid
     udp=$(grep -oE 'received_pps=[0-9]+' /tmp/udprate.$NL_ID | cut -d= -f2); rm -f /tmp/udprate.$NL_ID
     png=$(ip netns exec $NA ping -c 50 -i 0.02 -q 10.88.0.2 | awk -F/ '/rtt/{printf "%.0f", $5*1000}')
-    printf '%-16s %10s %12s %10s %10s %10s\n' "$1" "$tcp" "${udp:-FAILED}" "${png:-FAILED}" \
+    printf '%-18s %10s %10s %12s %10s %10s %10s\n' "$1" "$tcp" "$tcp4" "${udp:-FAILED}" "${png:-FAILED}" \
       "$(nl_rss $PIDA)" "$(nl_rss $PIDB)"
   )
 }
 
-printf '%-16s %10s %12s %10s %10s %10s\n' impl tcp_Gbps udp64_pps ping_us rssA_KiB rssB_KiB
+printf '%-18s %10s %10s %12s %10s %10s %10s\n' impl tcp_Gbps tcp4_Gbps udp64_pps ping_us rssA_KiB rssB_KiB
 measure sitelink-uring sitelink uring
+measure sitelink-uring-w2 sitelink uring 2
 measure sitelink-mmsg sitelink mmsg
 measure wireguard-go wireguard-go
 measure boringtun boringtun

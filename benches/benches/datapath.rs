@@ -7,6 +7,9 @@
 //! * `engine/encapsulate` and `engine/decapsulate`: the whole engine per 1420-byte packet in
 //!   batches of 64 (routing, counters, seal or open, replay window, source check, stats),
 //!   next to `engine/ring_seal` and `engine/ring_open` measured the same way.
+//! * `workers/encapsulate/{1,2}`: wall time per packet with one or two threads sharing one
+//!   engine behind a mutex, sealing outside it, as a link's workers do; and
+//!   `workers/encapsulate_under_lock/2`, the control, sealing inside it.
 //! * `frame/*`: message classification and inner IP peek.
 
 use std::hint::black_box;
@@ -207,6 +210,66 @@ fn engine(c: &mut Criterion) {
     g.finish();
 }
 
+/// `workers/encapsulate/N`: wall time per 1420-byte packet when N threads encapsulate through
+/// one engine behind a mutex, as a link's workers do: each takes the lock to route and take
+/// counters (`encapsulate_deferred`), then seals its batch without it (`CryptoBatch::run`).
+/// With the AEAD outside the lock, two threads on two idle cores approach half the time of one.
+fn workers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("workers");
+    g.throughput(Throughput::Elements(1));
+    let mut est = Established::new();
+    let (src, dst) = est.inner;
+    let now = est.now();
+    const LEN: usize = 1420;
+    let engine = std::sync::Mutex::new(est.net.nodes.swap_remove(0).dev);
+    // The control, `under_lock`: the same work with the seal inside the lock, as before the
+    // engine handed the AEAD out; two threads then take turns instead of overlapping.
+    for (name, threads, under_lock) in
+        [("encapsulate", 1usize, false), ("encapsulate", 2, false), ("encapsulate_under_lock", 2, true)]
+    {
+        g.bench_function(BenchmarkId::new(name, threads), |b| {
+            b.iter_custom(|iters| {
+                let per_thread = iters.div_ceil(threads as u64);
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..threads {
+                        s.spawn(|| {
+                            let mut pool = engine.lock().expect("engine").pool_mut().clone_empty();
+                            let mut batch = sitelink_proto::CryptoBatch::with_capacity(BATCH);
+                            let mut packets: Vec<PacketBuf> = Vec::with_capacity(BATCH);
+                            let mut out: Vec<Datagram> = Vec::with_capacity(BATCH * 2);
+                            let mut left = per_thread;
+                            while left > 0 {
+                                let n = left.min(BATCH as u64) as usize;
+                                for _ in 0..n {
+                                    let mut buf = pool.get();
+                                    fill_packet(&mut buf, DEFAULT_HEADROOM, src, dst, LEN);
+                                    packets.push(buf);
+                                }
+                                let mut dev = engine.lock().expect("engine");
+                                dev.encapsulate_deferred(now, &mut packets, &mut batch, &mut out);
+                                if !under_lock {
+                                    drop(dev);
+                                    batch.run(&mut out);
+                                } else {
+                                    batch.run(&mut out);
+                                    drop(dev);
+                                }
+                                for d in out.drain(..) {
+                                    pool.put(d.buf);
+                                }
+                                left -= n as u64;
+                            }
+                        });
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
 fn frame(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame");
     let mut msg = vec![0u8; 1452];
@@ -218,5 +281,5 @@ fn frame(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, seal_open, engine, frame);
+criterion_group!(benches, seal_open, engine, workers, frame);
 criterion_main!(benches);

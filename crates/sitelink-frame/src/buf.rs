@@ -233,6 +233,12 @@ impl BufPool {
         }
     }
 
+    /// A new, empty pool of the same buffers (size, headroom, limit), such as one per worker
+    /// beside the engine's.
+    pub fn clone_empty(&self) -> BufPool {
+        BufPool::new(self.capacity, self.headroom, self.max_free)
+    }
+
     /// Moves up to `n` free buffers to `other` (as far as `other` keeps them: see
     /// [`put`](Self::put)); returns how many moved. Pools that pass buffers to each other
     /// (one per worker thread, and the engine's) even out with it, without allocating.

@@ -43,7 +43,6 @@ pub use sitelink_proto::{
 };
 
 use sitelink_io::{UdpConfig, UdpSocket, Waker};
-use sitelink_proto::BufPool;
 use sitelink_proto::Device;
 
 /// Errors of starting or reconfiguring a link.
@@ -231,8 +230,6 @@ impl LinkBuilder {
         for peer in self.peers {
             device.upsert_peer(now, peer).map_err(|_| LinkError::OwnPublicKey)?;
         }
-        let (buf_capacity, buf_headroom) =
-            (device.pool_mut().buf_capacity(), device.pool_mut().buf_headroom());
         let shared = Arc::new(Shared {
             device: Mutex::new(device),
             workers: ios.iter().map(|_| WorkerSlot::default()).collect(),
@@ -246,7 +243,7 @@ impl LinkBuilder {
         let mut threads = Vec::with_capacity(ios.len());
         for (index, io) in ios.into_iter().enumerate() {
             let worker_shared = Arc::clone(&shared);
-            let pool = BufPool::new(buf_capacity, buf_headroom, worker::POOL_MAX_FREE);
+            let pool = lock(&shared.device).pool_mut().clone_empty();
             let spawned = std::thread::Builder::new()
                 .name(format!("sitelink-worker-{index}"))
                 .spawn(move || worker::run(worker_shared, index, io, pool));

@@ -29,9 +29,6 @@ const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// reported rather than spun on.
 const ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Free buffers a worker's pool keeps at most (about 6 MiB at MTU 1420).
-pub(crate) const POOL_MAX_FREE: usize = 4096;
-
 /// The engine's own pool serves handshakes and keepalives and collects the buffers of what it
 /// drops; a worker tops it up below the low mark and takes back what lies above the high one
 /// (else, under a flood of garbage, workers would allocate while the engine hoards).
