@@ -193,6 +193,28 @@ impl CryptoBatch {
         }
     }
 
+    /// Moves the last `n` queued opens to `into` (an empty batch, such as a spare one kept
+    /// for the purpose), so that another thread can [`run`](Self::run) them while this one
+    /// runs the rest. Give them back with [`take_back_opens`](Self::take_back_opens) before
+    /// [`Device::complete`](crate::Device::complete): they then deliver in their place, after
+    /// the opens that stayed. Allocates nothing once `into` has held as many before.
+    pub fn share_opens(&mut self, into: &mut CryptoBatch, n: usize) {
+        debug_assert!(into.is_empty(), "share_opens needs an empty batch");
+        let at = self.opens.len() - n.min(self.opens.len());
+        into.opens.extend(self.opens.drain(at..));
+        // The moved jobs name their keys by index into this table: give `into` the same table.
+        into.open_keys.0.clone_from(&self.open_keys.0);
+        into.mtu = self.mtu;
+    }
+
+    /// Takes back the opens [`share_opens`](Self::share_opens) moved to `from` (opening any
+    /// that were not run yet), appending them after this batch's own; `from` is left empty.
+    pub fn take_back_opens(&mut self, from: &mut CryptoBatch) {
+        from.open_pending();
+        self.opens.append(&mut from.opens);
+        from.open_keys.clear();
+    }
+
     /// Seals the queued packets into `out` (opens are left as they are).
     pub(crate) fn seal_into(&mut self, out: &mut Vec<Datagram>) {
         for mut job in self.seals.drain(..) {

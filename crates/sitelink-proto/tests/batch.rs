@@ -187,3 +187,42 @@ fn a_tampered_message_in_a_batch_is_counted_and_the_rest_delivered() {
     assert_eq!(delivered.iter().map(seq_of).collect::<Vec<_>>(), vec![0, 1, 2, 4, 5]);
     assert_eq!(b.stats().drops.get(DropReason::DecryptFailed), 1);
 }
+
+#[test]
+fn opens_shared_with_another_thread_deliver_in_their_place() {
+    let mut net = established(16);
+    let now = net.now;
+    let from = net.nodes[0].addr;
+    let mut sealed = seal_elsewhere(&mut net, 0..40, from, now);
+    let b = &mut net.nodes[1].dev;
+    let (mut out, mut delivered) = (Vec::new(), Vec::new());
+    let mut batch = CryptoBatch::with_capacity(64);
+    let mut spare = CryptoBatch::with_capacity(64);
+    b.decapsulate_deferred(now, &mut sealed, &mut batch, &mut out);
+    batch.share_opens(&mut spare, 15);
+    assert_eq!((batch.opens_len(), spare.opens_len()), (25, 15));
+    let mut spare = std::thread::spawn(move || {
+        spare.run(&mut Vec::new());
+        spare
+    })
+    .join()
+    .unwrap();
+    batch.run(&mut out);
+    batch.take_back_opens(&mut spare);
+    assert!(spare.is_empty());
+    b.complete(now, &mut batch, &mut delivered, &mut out);
+    assert_eq!(delivered.iter().map(seq_of).collect::<Vec<_>>(), (0..40).collect::<Vec<_>>());
+    assert_eq!(b.stats().drops.total(), 0);
+
+    // Taken back without anyone running them: they are opened then.
+    let mut sealed = seal_elsewhere(&mut net, 40..50, from, now);
+    let b = &mut net.nodes[1].dev;
+    delivered.clear();
+    b.decapsulate_deferred(now, &mut sealed, &mut batch, &mut out);
+    batch.share_opens(&mut spare, 100);
+    assert_eq!((batch.opens_len(), spare.opens_len()), (0, 10));
+    batch.take_back_opens(&mut spare);
+    batch.run(&mut out);
+    b.complete(now, &mut batch, &mut delivered, &mut out);
+    assert_eq!(delivered.iter().map(seq_of).collect::<Vec<_>>(), (40..50).collect::<Vec<_>>());
+}

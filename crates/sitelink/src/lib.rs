@@ -24,6 +24,7 @@
 //! and [`conf`] reads wg-quick style files.
 
 pub mod conf;
+mod help;
 mod rand;
 pub mod uapi;
 mod worker;
@@ -234,6 +235,7 @@ impl LinkBuilder {
             device: Mutex::new(device),
             workers: ios.iter().map(|_| WorkerSlot::default()).collect(),
             wakers: ios.iter().map(|io| io.waker()).collect(),
+            help: help::HelpDesk::new(ios.len()),
             stop: AtomicBool::new(false),
             keyed: AtomicBool::new(self.keyed),
             port: AtomicU16::new(port),
@@ -280,6 +282,8 @@ pub(crate) struct Shared {
     pub(crate) workers: Vec<WorkerSlot>,
     /// Wakes each worker, in worker order.
     pub(crate) wakers: Vec<Waker>,
+    /// Where workers share large batches of opens.
+    pub(crate) help: help::HelpDesk,
     pub(crate) stop: AtomicBool,
     pub(crate) keyed: AtomicBool,
     pub(crate) port: AtomicU16,
@@ -358,6 +362,9 @@ pub struct LinkStats {
     pub io: IoStats,
     /// The I/O counters of each worker, in worker order.
     pub io_per_worker: Vec<IoStats>,
+    /// Transport messages a worker opened for another (which received them with a large batch
+    /// while it was idle).
+    pub opens_shared: u64,
     /// Every peer.
     pub peers: Vec<PeerSnapshot>,
 }
@@ -411,7 +418,13 @@ impl Link {
         let mut io = IoStats::default();
         io_per_worker.iter().for_each(|w| io.add(w));
         let dev = lock(&self.shared.device);
-        LinkStats { device: dev.stats().clone(), io, io_per_worker, peers: snapshot_peers(&dev) }
+        LinkStats {
+            device: dev.stats().clone(),
+            io,
+            io_per_worker,
+            opens_shared: self.shared.help.opens_shared.load(Ordering::Relaxed),
+            peers: snapshot_peers(&dev),
+        }
     }
 
     /// Runs `f` on the engine with the workers held off it, then wakes them (its timers may

@@ -1,11 +1,16 @@
 //! The workers: threads that each drive one batched I/O backend and share the engine.
 //!
-//! A turn: wait for input or the engine's next timer; receive datagrams and read packets
-//! into the worker's own buffers (no lock); then, holding the engine, route, count and
-//! check them (`decapsulate_deferred`, `encapsulate_deferred`) and run due timers; release
-//! it and seal and open the batch (`CryptoBatch::run`, the costly part, in parallel with the
-//! other workers); take the engine again only if opened packets need delivering
-//! (`complete`); then write the packets and send the datagrams.
+//! A turn: wait for input or the engine's next timer. Then inbound: receive datagrams into
+//! the worker's own buffers (no lock), look them up and check them holding the engine
+//! (`decapsulate_deferred`), open them without it (`CryptoBatch::run`, the costly part, in
+//! parallel with the other workers), deliver them holding it again (`complete`) and write
+//! them to the TUN side. Then outbound: read packets, route them and take counters holding
+//! the engine (`encapsulate_deferred`, with due timers and the next deadline), seal them
+//! without it, and send everything in one batch.
+//!
+//! A worker that waits for I/O counts as idle; one with a large batch of opens hands half of
+//! them to an idle worker ([`crate::help`]), so that one busy peer, whose datagrams all reach
+//! one worker's socket, still has its inbound crypto spread over cores.
 //!
 //! Any worker may run the engine's timers: each waits until the engine's next deadline as it
 //! read it at the end of its last turn, so the worker whose turn moved a deadline earlier is
@@ -45,6 +50,8 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
     let mut delivered: Vec<PacketBuf> = Vec::with_capacity(VEC_CAPACITY);
     let mut out: Vec<Datagram> = Vec::with_capacity(VEC_CAPACITY * 2);
     let mut batch = CryptoBatch::with_capacity(VEC_CAPACITY);
+    // Carries half of a large batch's opens to an idle worker and back (see `help`).
+    let mut spare = Some(CryptoBatch::with_capacity(VEC_CAPACITY / 2));
     let mut fwmark = shared.fwmark.load(Ordering::Relaxed);
     let mut last_drop_log = Instant::now();
     let mut logged_drops = 0u64;
@@ -53,10 +60,14 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
     let mut deadline = lock(&shared.device).next_deadline();
     while !shared.stop.load(Ordering::Relaxed) {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if let Err(e) = io.wait(timeout) {
+        shared.help.set_idle(index, true);
+        let waited = io.wait(timeout);
+        shared.help.set_idle(index, false);
+        if let Err(e) = waited {
             errors.report("waiting for I/O", &e);
             std::thread::sleep(ERROR_BACKOFF);
         }
+        shared.help.help(index);
         let now = Instant::now();
 
         if let Some(socket) = lock(&slot.pending_socket).take() {
@@ -75,9 +86,26 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
             }
         }
 
+        // Inbound first, written to the TUN side before it is read: a reply the kernel makes
+        // at once (a ping's) is then read in this same turn.
         if let Err(e) = io.recv_datagrams(&mut pool, &mut datagrams) {
             errors.report("receiving datagrams", &e);
         }
+        if !datagrams.is_empty() {
+            lock(&shared.device).decapsulate_deferred(now, &mut datagrams, &mut batch, &mut out);
+            // The AEAD without the engine (other workers route and count meanwhile); an idle
+            // worker may take half of a large batch's opens.
+            shared.help.run(index, |i| shared.wakers[i].wake(), &mut batch, &mut spare, &mut out);
+            if batch.needs_completion() {
+                lock(&shared.device).complete(now, &mut batch, &mut delivered, &mut out);
+            }
+            if !delivered.is_empty()
+                && let Err(e) = io.write_packets(&mut delivered, &mut pool)
+            {
+                errors.report("writing packets", &e);
+            }
+        }
+
         let mut failed_read = false;
         if let Err(e) = io.read_packets(&mut pool, &mut read) {
             if sitelink_io::is_device_gone(&e) {
@@ -87,12 +115,8 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
             errors.report("reading packets", &e);
             failed_read = true;
         }
-
         {
             let mut dev = lock(&shared.device);
-            if !datagrams.is_empty() {
-                dev.decapsulate_deferred(now, &mut datagrams, &mut batch, &mut out);
-            }
             if !read.is_empty() {
                 dev.encapsulate_deferred(now, &mut read, &mut batch, &mut out);
             }
@@ -110,20 +134,8 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
             }
             deadline = dev.next_deadline();
         }
-
-        // The AEAD, without the engine: other workers route and count meanwhile.
+        // The seals, without the engine.
         batch.run(&mut out);
-        if batch.needs_completion() {
-            let mut dev = lock(&shared.device);
-            dev.complete(now, &mut batch, &mut delivered, &mut out);
-            deadline = dev.next_deadline();
-        }
-
-        if !delivered.is_empty()
-            && let Err(e) = io.write_packets(&mut delivered, &mut pool)
-        {
-            errors.report("writing packets", &e);
-        }
         if !out.is_empty()
             && let Err(e) = io.send_datagrams(&mut out, &mut pool)
         {

@@ -214,6 +214,7 @@ fn run(args: &Args) -> Result<(), String> {
         io = ?stats.io,
         tun_rx_per_worker = ?stats.io_per_worker.iter().map(|w| w.tun_rx).collect::<Vec<_>>(),
         udp_rx_per_worker = ?stats.io_per_worker.iter().map(|w| w.udp_rx).collect::<Vec<_>>(),
+        opens_shared = stats.opens_shared,
         "final counters"
     );
     drop(socket_file);

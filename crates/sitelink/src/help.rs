@@ -1,0 +1,211 @@
+//! Workers lend each other their cores for opening.
+//!
+//! A link's datagrams from one peer all reach one worker's socket (`SO_REUSEPORT` picks the
+//! socket by source address), so on a link with one busy peer the receiving worker would open
+//! everything while the others idle. When a worker holds a large batch of opens and another
+//! worker is idle, it moves the second half of the opens to a spare batch, posts it here and
+//! wakes the idle worker, then opens its own half. Afterwards it takes the posted half back:
+//! if no one started it, it opens it itself; if a helper is running it, it waits for that
+//! (a helper never waits on anything while it runs a job, so this cannot deadlock). The
+//! receiving worker then delivers all of them in order, so sharing never reorders a flow.
+//!
+//! Nothing here allocates per batch: the queue holds at most one job per worker and was sized
+//! for that, and each worker's spare batch travels to the helper and back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use sitelink_proto::CryptoBatch;
+
+use crate::lock;
+
+/// A batch needs at least this many opens before half of it is worth a wake-up elsewhere
+/// (a wake-up costs a few microseconds; 16 opens of 1420 bytes cost about 18).
+pub(crate) const MIN_OPENS_TO_SHARE: usize = 32;
+
+/// Posted work: opens of worker `from`, to run and hand back.
+struct Job {
+    from: usize,
+    batch: CryptoBatch,
+}
+
+/// Where one worker's shared opens come back.
+#[derive(Default)]
+struct Return {
+    batch: Mutex<Option<CryptoBatch>>,
+    ready: Condvar,
+}
+
+/// The workers' help desk (see the module's docs).
+pub(crate) struct HelpDesk {
+    queue: Mutex<Vec<Job>>,
+    returns: Vec<Return>,
+    /// Bit `i` set while worker `i` waits for I/O with nothing to do.
+    idle: AtomicU64,
+    /// Opens run by a worker for another.
+    pub(crate) opens_shared: AtomicU64,
+}
+
+impl HelpDesk {
+    /// A desk for `workers` workers (at most 64).
+    pub(crate) fn new(workers: usize) -> Self {
+        debug_assert!(workers <= 64);
+        HelpDesk {
+            queue: Mutex::new(Vec::with_capacity(workers)),
+            returns: (0..workers).map(|_| Return::default()).collect(),
+            idle: AtomicU64::new(0),
+            opens_shared: AtomicU64::new(0),
+        }
+    }
+
+    /// Worker `index` is about to wait for I/O, or has stopped waiting.
+    pub(crate) fn set_idle(&self, index: usize, idle: bool) {
+        let bit = 1u64 << index;
+        if idle {
+            self.idle.fetch_or(bit, Ordering::AcqRel);
+        } else {
+            self.idle.fetch_and(!bit, Ordering::AcqRel);
+        }
+    }
+
+    /// Opens `batch`'s opens with help if it is large and a worker is idle (moving half
+    /// through `spare`, which must be empty and is left empty; `wake(i)` wakes worker `i`);
+    /// else opens them alone. Seals are run too, into `out`: this is [`CryptoBatch::run`]
+    /// with help.
+    pub(crate) fn run(
+        &self,
+        index: usize,
+        wake: impl Fn(usize),
+        batch: &mut CryptoBatch,
+        spare: &mut Option<CryptoBatch>,
+        out: &mut Vec<sitelink_proto::Datagram>,
+    ) {
+        let others_idle = self.idle.load(Ordering::Acquire) & !(1u64 << index);
+        if others_idle == 0 || batch.opens_len() < MIN_OPENS_TO_SHARE || spare.is_none() {
+            return batch.run(out);
+        }
+        let mut half = spare.take().expect("checked above");
+        batch.share_opens(&mut half, batch.opens_len() / 2);
+        lock(&self.queue).push(Job { from: index, batch: half });
+        wake(others_idle.trailing_zeros() as usize);
+        batch.run(out);
+        let unclaimed = {
+            let mut queue = lock(&self.queue);
+            queue.iter().position(|j| j.from == index).map(|p| queue.swap_remove(p))
+        };
+        let mut half = match unclaimed {
+            Some(job) => job.batch,
+            None => {
+                let ret = &self.returns[index];
+                let mut slot = lock(&ret.batch);
+                loop {
+                    if let Some(b) = slot.take() {
+                        break b;
+                    }
+                    slot = ret.ready.wait(slot).unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+            }
+        };
+        batch.take_back_opens(&mut half);
+        *spare = Some(half);
+    }
+
+    /// Runs every job other workers posted (worker `index` is not one of them).
+    pub(crate) fn help(&self, index: usize) {
+        loop {
+            let job = {
+                let mut queue = lock(&self.queue);
+                match queue.iter().position(|j| j.from != index) {
+                    Some(p) => queue.swap_remove(p),
+                    None => return,
+                }
+            };
+            let mut batch = job.batch;
+            let n = batch.opens_len() as u64;
+            // Opens only: nothing is sealed, so nothing is sent from here.
+            batch.run(&mut Vec::new());
+            self.opens_shared.fetch_add(n, Ordering::Relaxed);
+            let ret = &self.returns[job.from];
+            *lock(&ret.batch) = Some(batch);
+            ret.ready.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sitelink_frame::ip;
+    use sitelink_proto::sim::Net;
+    use sitelink_proto::{Datagram, PacketBuf};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    /// 64 sealed transport messages from node 0 to node 1 of `net`, numbered from `first`.
+    fn sealed(net: &mut Net, first: u32) -> Vec<Datagram> {
+        let (src, dst, from) = (net.nodes[0].inner, net.nodes[1].inner, net.nodes[0].addr);
+        let a = &mut net.nodes[0].dev;
+        let mut packets: Vec<PacketBuf> = (first..first + 64)
+            .map(|i| {
+                let mut buf = a.alloc_buf();
+                let n = ip::build_ipv4(buf.spare_mut(), src, dst, 17, &i.to_be_bytes()).unwrap();
+                buf.set_len(n).unwrap();
+                buf
+            })
+            .collect();
+        let mut out = Vec::new();
+        a.encapsulate(net.now, &mut packets, &mut out);
+        out.iter_mut().for_each(|d| d.addr = from);
+        out
+    }
+
+    #[test]
+    fn an_idle_worker_opens_half_and_order_is_kept() {
+        let mut net = Net::pair(21);
+        net.send(0, 1, b"x");
+        net.run_for(Duration::from_millis(50));
+        assert_eq!(net.take_delivered(1).len(), 1);
+        let desk = HelpDesk::new(2);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // Worker 1: idle, helping whenever there is work.
+            s.spawn(|| {
+                desk.set_idle(1, true);
+                while !stop.load(Ordering::Relaxed) {
+                    desk.help(1);
+                    std::hint::spin_loop();
+                }
+            });
+            let mut spare = Some(CryptoBatch::with_capacity(64));
+            let mut batch = CryptoBatch::with_capacity(64);
+            let (mut out, mut delivered) = (Vec::new(), Vec::new());
+            for round in 0..50u32 {
+                let mut dgrams = sealed(&mut net, round * 64);
+                let now = net.now;
+                let b = &mut net.nodes[1].dev;
+                b.decapsulate_deferred(now, &mut dgrams, &mut batch, &mut out);
+                desk.run(0, |i| assert_eq!(i, 1, "only worker 1 is idle"), &mut batch, &mut spare, &mut out);
+                assert!(spare.as_ref().is_some_and(CryptoBatch::is_empty), "the spare came back empty");
+                b.complete(now, &mut batch, &mut delivered, &mut out);
+            }
+            stop.store(true, Ordering::Relaxed);
+            let seqs: Vec<u32> =
+                delivered.iter().map(|p| u32::from_be_bytes(p.data()[20..24].try_into().unwrap())).collect();
+            assert_eq!(seqs, (0..50 * 64).collect::<Vec<_>>(), "every packet, in order");
+        });
+        let shared = desk.opens_shared.load(Ordering::Relaxed);
+        assert!(shared > 0 && shared % 32 == 0, "the helper opened {shared}");
+        assert_eq!(net.nodes[1].dev.stats().drops.total(), 0);
+    }
+
+    #[test]
+    fn with_no_idle_worker_a_batch_is_opened_alone() {
+        let desk = HelpDesk::new(2);
+        let mut spare = Some(CryptoBatch::default());
+        let mut batch = CryptoBatch::default();
+        desk.run(0, |_| panic!("no one to wake"), &mut batch, &mut spare, &mut Vec::new());
+        desk.set_idle(0, true);
+        desk.run(0, |_| panic!("a worker does not wake itself"), &mut batch, &mut spare, &mut Vec::new());
+        assert_eq!(desk.opens_shared.load(Ordering::Relaxed), 0);
+    }
+}
