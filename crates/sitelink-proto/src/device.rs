@@ -180,6 +180,8 @@ pub struct Device {
     load: LoadMeter,
     /// The batch the one-thread entry points (`encapsulate`, `decapsulate`, `on_timers`) run.
     scratch: CryptoBatch,
+    /// State of the timer-jitter sequence (see `jitter`).
+    jitter_state: u64,
 }
 
 impl std::fmt::Debug for Device {
@@ -200,8 +202,14 @@ const RATE_LIMITER_SOURCES: usize = 8192;
 impl Device {
     /// A device with no peers. `now` and `unix_time` (time since the Unix epoch at `now`)
     /// anchor the wall clock that handshake timestamps need; `rng` must be a CSPRNG.
-    pub fn new(config: DeviceConfig, rng: Box<dyn Random + Send>, now: Instant, unix_time: Duration) -> Self {
+    pub fn new(
+        config: DeviceConfig,
+        mut rng: Box<dyn Random + Send>,
+        now: Instant,
+        unix_time: Duration,
+    ) -> Self {
         let identity = Identity::new(config.private_key.clone());
+        let jitter_state = u64::from(rng.next_u32()) << 32 | u64::from(rng.next_u32());
         let pool = BufPool::for_mtu(config.mtu.max(wire::INITIATION_LEN), 4096);
         Device {
             checker: MacChecker::new(&identity),
@@ -226,6 +234,7 @@ impl Device {
             cookie_limiter: RateLimiter::new(COOKIE_REPLIES_PER_SOURCE_PER_SECOND, 2, RATE_LIMITER_SOURCES),
             load: LoadMeter::default(),
             scratch: CryptoBatch::default(),
+            jitter_state,
             config,
         }
     }
@@ -781,9 +790,20 @@ impl Device {
         self.anchor.1 + now.saturating_duration_since(self.anchor.0)
     }
 
+    /// Timer jitter, up to REKEY_TIMEOUT's jitter. It only keeps peers from retrying in step,
+    /// so it comes from a SplitMix64 sequence seeded once from `rng`, not from the CSPRNG: a
+    /// data packet sent after one received arms a jittered timer, and an OS random call there
+    /// would be a system call on the data path.
     fn jitter(&mut self) -> Duration {
-        let max = self.config.timing.rekey_timeout_jitter.as_micros() as u32;
-        if max == 0 { Duration::ZERO } else { Duration::from_micros(u64::from(self.rng.next_u32() % max)) }
+        let max = self.config.timing.rekey_timeout_jitter.as_micros() as u64;
+        if max == 0 {
+            return Duration::ZERO;
+        }
+        self.jitter_state = self.jitter_state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.jitter_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Duration::from_micros((z ^ (z >> 31)) % max)
     }
 
     /// A fresh random local index, registered to `pid`.
