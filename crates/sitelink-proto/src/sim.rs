@@ -55,6 +55,20 @@ impl Random for SeededRandom {
     }
 }
 
+/// A [`Random`] that counts the calls made of it, so tests can see which paths draw
+/// randomness (only handshakes and cookies should).
+struct Counted {
+    inner: SeededRandom,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Random for Counted {
+    fn fill(&mut self, dest: &mut [u8]) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.fill(dest);
+    }
+}
+
 /// How the wire treats datagrams.
 #[derive(Debug, Clone, Copy)]
 pub struct WireConfig {
@@ -85,6 +99,8 @@ pub struct Node {
     pub addr: SocketAddr,
     /// Its inner (tunnel) address.
     pub inner: Ipv4Addr,
+    /// How many times the device has drawn from its random source.
+    pub rng_calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
     delivered: Vec<PacketBuf>,
 }
 
@@ -161,8 +177,17 @@ impl Net {
         let mut config = DeviceConfig::new(node_key(i));
         tweak(&mut config);
         let unix = Duration::from_secs(1_700_000_000);
-        let dev = Device::new(config, Box::new(SeededRandom::new(i as u64 + 1000)), self.now, unix);
-        self.nodes.push(Node { dev, addr: node_addr(i), inner: node_inner(i), delivered: Vec::new() });
+        let rng_calls = std::sync::Arc::default();
+        let rng =
+            Counted { inner: SeededRandom::new(i as u64 + 1000), calls: std::sync::Arc::clone(&rng_calls) };
+        let dev = Device::new(config, Box::new(rng), self.now, unix);
+        self.nodes.push(Node {
+            dev,
+            addr: node_addr(i),
+            inner: node_inner(i),
+            rng_calls,
+            delivered: Vec::new(),
+        });
         i
     }
 

@@ -451,3 +451,27 @@ fn removing_a_peer_unroutes_it_and_forgets_its_sessions() {
     assert_eq!(net.nodes[1].dev.stats().drops.get(DropReason::NoRoute), 1);
     assert!(net.nodes[1].dev.remove_peer(p).is_err());
 }
+
+/// The data path draws no randomness (the OS random source is a system call): request and
+/// response traffic on an established session, each packet arming a jittered timer, leaves
+/// both devices' random sources untouched.
+#[test]
+fn the_data_path_draws_no_randomness() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut net = Net::pair(30);
+    net.send(0, 1, b"up");
+    net.run_for(Duration::from_millis(20));
+    net.send(1, 0, b"up");
+    net.run_for(Duration::from_millis(20));
+    assert_eq!((net.take_delivered(1).len(), net.take_delivered(0).len()), (1, 1));
+    let before = [net.nodes[0].rng_calls.load(Relaxed), net.nodes[1].rng_calls.load(Relaxed)];
+    for i in 0..200u32 {
+        net.send(0, 1, &seq_payload(i));
+        net.run_for(Duration::from_millis(2));
+        net.send(1, 0, &seq_payload(i));
+        net.run_for(Duration::from_millis(2));
+    }
+    assert_eq!((net.take_delivered(1).len(), net.take_delivered(0).len()), (200, 200));
+    let after = [net.nodes[0].rng_calls.load(Relaxed), net.nodes[1].rng_calls.load(Relaxed)];
+    assert_eq!(before, after, "random draws on the data path");
+}
