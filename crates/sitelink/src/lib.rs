@@ -310,6 +310,8 @@ pub(crate) struct WorkerSlot {
     pub(crate) pending_socket: Mutex<Option<UdpSocket>>,
     /// The worker's I/O counters as of its last turn.
     pub(crate) io_stats: Mutex<IoStats>,
+    /// Buffers the worker's pool has allocated over its life, as of its last turn.
+    pub(crate) buffers_allocated: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -362,6 +364,9 @@ pub struct LinkStats {
     pub io: IoStats,
     /// The I/O counters of each worker, in worker order.
     pub io_per_worker: Vec<IoStats>,
+    /// Packet buffers allocated over the link's life, by the workers' pools and the engine's:
+    /// it stops growing once the pools are warm, whatever the traffic (memory is bounded).
+    pub buffers_allocated: u64,
     /// Transport messages a worker opened for another (which received them with a large batch
     /// while it was idle).
     pub opens_shared: u64,
@@ -417,8 +422,11 @@ impl Link {
             self.shared.workers.iter().map(|w| lock(&w.io_stats).clone()).collect();
         let mut io = IoStats::default();
         io_per_worker.iter().for_each(|w| io.add(w));
-        let dev = lock(&self.shared.device);
+        let worker_buffers: u64 =
+            self.shared.workers.iter().map(|w| w.buffers_allocated.load(Ordering::Relaxed)).sum();
+        let mut dev = lock(&self.shared.device);
         LinkStats {
+            buffers_allocated: worker_buffers + dev.pool_mut().allocated(),
             device: dev.stats().clone(),
             io,
             io_per_worker,

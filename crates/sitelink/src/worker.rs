@@ -142,11 +142,13 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
             errors.report("sending datagrams", &e);
         }
         *lock(&slot.io_stats) = io.stats().clone();
+        slot.buffers_allocated.store(pool.allocated(), Ordering::Relaxed);
         if failed_read {
             std::thread::sleep(ERROR_BACKOFF);
         }
     }
     *lock(&slot.io_stats) = io.stats().clone();
+    slot.buffers_allocated.store(pool.allocated(), Ordering::Relaxed);
 }
 
 /// Evens out the engine's pool and this worker's (moving free buffers, allocating nothing).

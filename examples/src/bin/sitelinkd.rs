@@ -202,13 +202,9 @@ fn run(args: &Args) -> Result<(), String> {
     }
     link.shutdown();
     let stats = link.stats();
-    // The engine's own pool (handshakes, keepalives); the workers' pools are their own.
-    let (buffers, free_buffers) =
-        link.with_device(|dev, _| (dev.pool_mut().allocated(), dev.pool_mut().free_len()));
     tracing::info!(
         sessions = stats.device.sessions_established,
-        buffers,
-        free_buffers,
+        buffers = stats.buffers_allocated,
         cookie_replies = stats.device.cookie_replies_sent,
         drops = ?stats.device.drops,
         io = ?stats.io,
