@@ -128,11 +128,6 @@ impl CryptoBatch {
         self.seals.is_empty() && self.opens.is_empty()
     }
 
-    /// Packets waiting to be sealed.
-    pub fn seals_len(&self) -> usize {
-        self.seals.len()
-    }
-
     /// Messages waiting to be opened or, after [`run`](Self::run), delivered.
     pub fn opens_len(&self) -> usize {
         self.opens.len()

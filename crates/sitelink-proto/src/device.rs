@@ -472,10 +472,10 @@ impl Device {
     /// The same as [`encapsulate_deferred`](Self::encapsulate_deferred) followed at once by
     /// [`CryptoBatch::run`], for a driver with one thread.
     pub fn encapsulate(&mut self, now: Instant, packets: &mut Vec<PacketBuf>, out: &mut Vec<Datagram>) {
-        let mut batch = std::mem::take(&mut self.scratch);
-        self.encapsulate_deferred(now, packets, &mut batch, out);
-        batch.run(out);
-        self.scratch = batch;
+        self.with_scratch(|dev, batch| {
+            dev.encapsulate_deferred(now, packets, batch, out);
+            batch.run(out);
+        });
     }
 
     /// Like [`encapsulate`](Self::encapsulate), but the sealing is left in `batch`, for
@@ -517,11 +517,11 @@ impl Device {
         packets: &mut Vec<PacketBuf>,
         out: &mut Vec<Datagram>,
     ) {
-        let mut batch = std::mem::take(&mut self.scratch);
-        self.decapsulate_deferred(now, datagrams, &mut batch, out);
-        batch.run(out);
-        self.complete(now, &mut batch, packets, out);
-        self.scratch = batch;
+        self.with_scratch(|dev, batch| {
+            dev.decapsulate_deferred(now, datagrams, batch, out);
+            batch.run(out);
+            dev.complete(now, batch, packets, out);
+        });
     }
 
     /// Like [`decapsulate`](Self::decapsulate), but transport messages are only looked up and
@@ -575,13 +575,19 @@ impl Device {
         batch.seal_into(out);
     }
 
+    /// Runs `f` with the device's own batch, for the entry points that need no caller's.
+    fn with_scratch<R>(&mut self, f: impl FnOnce(&mut Self, &mut CryptoBatch) -> R) -> R {
+        let mut batch = std::mem::take(&mut self.scratch);
+        let r = f(self, &mut batch);
+        self.scratch = batch;
+        r
+    }
+
     /// Readies `batch` for this device: the MTU its seals pad to, and the seals it failed.
     #[inline]
     fn adopt_batch(&mut self, batch: &mut CryptoBatch) {
         batch.mtu = self.config.mtu;
-        for _ in 0..std::mem::take(&mut batch.failed_seals) {
-            self.stats.drops.add(DropReason::NoTailroom);
-        }
+        self.stats.drops.add_n(DropReason::NoTailroom, std::mem::take(&mut batch.failed_seals));
     }
 
     /// Sends the packet to `pid` if a session is up (its sealing queued in `batch`); else
@@ -1133,22 +1139,22 @@ impl Device {
 
     /// Runs every timer due at `now`: handshake retries, keepalives, rekeys, key erasure.
     pub fn on_timers(&mut self, now: Instant, out: &mut Vec<Datagram>) {
-        let mut batch = std::mem::take(&mut self.scratch);
-        self.adopt_batch(&mut batch);
-        for i in 0..self.peers.len() {
-            let pid = PeerId(i as u32);
-            for timer in Timer::ALL {
-                let Some(peer) = self.peers[i].as_mut() else { break };
-                if peer.timer(timer).is_none_or(|t| t > now) {
-                    continue;
+        self.with_scratch(|dev, batch| {
+            dev.adopt_batch(batch);
+            for i in 0..dev.peers.len() {
+                let pid = PeerId(i as u32);
+                for timer in Timer::ALL {
+                    let Some(peer) = dev.peers[i].as_mut() else { break };
+                    if peer.timer(timer).is_none_or(|t| t > now) {
+                        continue;
+                    }
+                    peer.cancel_timer(timer);
+                    dev.fire(now, pid, timer, batch, out);
                 }
-                peer.cancel_timer(timer);
-                self.fire(now, pid, timer, &mut batch, out);
             }
-        }
-        // Keepalives and staged packets: few, so sealed here rather than handed out.
-        batch.seal_into(out);
-        self.scratch = batch;
+            // Keepalives and staged packets: few, so sealed here rather than handed out.
+            batch.seal_into(out);
+        });
     }
 
     fn fire(

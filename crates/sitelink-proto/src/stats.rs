@@ -127,6 +127,12 @@ impl DropCounts {
         self.0[reason as usize] += 1;
     }
 
+    /// Counts `n` drops.
+    #[inline]
+    pub fn add_n(&mut self, reason: DropReason, n: u64) {
+        self.0[reason as usize] += n;
+    }
+
     /// Drops counted for `reason`.
     pub fn get(&self, reason: DropReason) -> u64 {
         self.0[reason as usize]

@@ -12,7 +12,7 @@
 //! Nothing here allocates per batch: the queue holds at most one job per worker and was sized
 //! for that, and each worker's spare batch travels to the helper and back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use sitelink_proto::CryptoBatch;
@@ -39,6 +39,9 @@ struct Return {
 /// The workers' help desk (see the module's docs).
 pub(crate) struct HelpDesk {
     queue: Mutex<Vec<Job>>,
+    /// Jobs in `queue`, so that a worker with nothing to help with skips the lock. A stale
+    /// read only delays help: a job no one takes is taken back by its poster.
+    posted: AtomicUsize,
     returns: Vec<Return>,
     /// Bit `i` set while worker `i` waits for I/O with nothing to do.
     idle: AtomicU64,
@@ -52,6 +55,7 @@ impl HelpDesk {
         debug_assert!(workers <= 64);
         HelpDesk {
             queue: Mutex::new(Vec::with_capacity(workers)),
+            posted: AtomicUsize::new(0),
             returns: (0..workers).map(|_| Return::default()).collect(),
             idle: AtomicU64::new(0),
             opens_shared: AtomicU64::new(0),
@@ -69,7 +73,7 @@ impl HelpDesk {
     }
 
     /// Opens `batch`'s opens with help if it is large and a worker is idle (moving half
-    /// through `spare`, which must be empty and is left empty; `wake(i)` wakes worker `i`);
+    /// through `spare`, an empty batch kept for it and left empty; `wake(i)` wakes worker `i`);
     /// else opens them alone. Seals are run too, into `out`: this is [`CryptoBatch::run`]
     /// with help.
     pub(crate) fn run(
@@ -77,22 +81,23 @@ impl HelpDesk {
         index: usize,
         wake: impl Fn(usize),
         batch: &mut CryptoBatch,
-        spare: &mut Option<CryptoBatch>,
+        spare: &mut CryptoBatch,
         out: &mut Vec<sitelink_proto::Datagram>,
     ) {
         let others_idle = self.idle.load(Ordering::Acquire) & !(1u64 << index);
-        if others_idle == 0 || batch.opens_len() < MIN_OPENS_TO_SHARE || spare.is_none() {
+        if others_idle == 0 || batch.opens_len() < MIN_OPENS_TO_SHARE {
             return batch.run(out);
         }
-        let mut half = spare.take().expect("checked above");
+        let mut half = std::mem::take(spare);
         batch.share_opens(&mut half, batch.opens_len() / 2);
-        lock(&self.queue).push(Job { from: index, batch: half });
+        {
+            let mut queue = lock(&self.queue);
+            queue.push(Job { from: index, batch: half });
+            self.posted.store(queue.len(), Ordering::Release);
+        }
         wake(others_idle.trailing_zeros() as usize);
         batch.run(out);
-        let unclaimed = {
-            let mut queue = lock(&self.queue);
-            queue.iter().position(|j| j.from == index).map(|p| queue.swap_remove(p))
-        };
+        let unclaimed = self.take_job(|from| from == index);
         let mut half = match unclaimed {
             Some(job) => job.batch,
             None => {
@@ -107,19 +112,21 @@ impl HelpDesk {
             }
         };
         batch.take_back_opens(&mut half);
-        *spare = Some(half);
+        *spare = half;
+    }
+
+    /// Removes and returns a posted job whose poster `pick` accepts.
+    fn take_job(&self, pick: impl Fn(usize) -> bool) -> Option<Job> {
+        let mut queue = lock(&self.queue);
+        let job = queue.iter().position(|j| pick(j.from)).map(|p| queue.swap_remove(p));
+        self.posted.store(queue.len(), Ordering::Release);
+        job
     }
 
     /// Runs every job other workers posted (worker `index` is not one of them).
     pub(crate) fn help(&self, index: usize) {
-        loop {
-            let job = {
-                let mut queue = lock(&self.queue);
-                match queue.iter().position(|j| j.from != index) {
-                    Some(p) => queue.swap_remove(p),
-                    None => return,
-                }
-            };
+        while self.posted.load(Ordering::Acquire) > 0 {
+            let Some(job) = self.take_job(|from| from != index) else { return };
             let mut batch = job.batch;
             let n = batch.opens_len() as u64;
             // Opens only: nothing is sealed, so nothing is sent from here.
@@ -176,7 +183,7 @@ mod tests {
                     std::hint::spin_loop();
                 }
             });
-            let mut spare = Some(CryptoBatch::with_capacity(64));
+            let mut spare = CryptoBatch::with_capacity(64);
             let mut batch = CryptoBatch::with_capacity(64);
             let (mut out, mut delivered) = (Vec::new(), Vec::new());
             for round in 0..50u32 {
@@ -185,7 +192,7 @@ mod tests {
                 let b = &mut net.nodes[1].dev;
                 b.decapsulate_deferred(now, &mut dgrams, &mut batch, &mut out);
                 desk.run(0, |i| assert_eq!(i, 1, "only worker 1 is idle"), &mut batch, &mut spare, &mut out);
-                assert!(spare.as_ref().is_some_and(CryptoBatch::is_empty), "the spare came back empty");
+                assert!(spare.is_empty(), "the spare came back empty");
                 b.complete(now, &mut batch, &mut delivered, &mut out);
             }
             stop.store(true, Ordering::Relaxed);
@@ -201,7 +208,7 @@ mod tests {
     #[test]
     fn with_no_idle_worker_a_batch_is_opened_alone() {
         let desk = HelpDesk::new(2);
-        let mut spare = Some(CryptoBatch::default());
+        let mut spare = CryptoBatch::default();
         let mut batch = CryptoBatch::default();
         desk.run(0, |_| panic!("no one to wake"), &mut batch, &mut spare, &mut Vec::new());
         desk.set_idle(0, true);

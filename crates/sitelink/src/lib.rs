@@ -479,11 +479,8 @@ impl Link {
         if port != 0 && port == self.port() {
             return Ok(port);
         }
-        let config = {
-            let mut udp = lock(&self.shared.udp);
-            udp.port = port;
-            *udp
-        };
+        let mut config = *lock(&self.shared.udp);
+        config.port = port;
         let sockets = bind_sockets(config, self.shared.workers.len())?;
         let bound = sockets[0].port();
         lock(&self.shared.udp).port = bound;

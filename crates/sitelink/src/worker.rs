@@ -51,7 +51,7 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
     let mut out: Vec<Datagram> = Vec::with_capacity(VEC_CAPACITY * 2);
     let mut batch = CryptoBatch::with_capacity(VEC_CAPACITY);
     // Carries half of a large batch's opens to an idle worker and back (see `help`).
-    let mut spare = Some(CryptoBatch::with_capacity(VEC_CAPACITY / 2));
+    let mut spare = CryptoBatch::with_capacity(VEC_CAPACITY / 2);
     let mut fwmark = shared.fwmark.load(Ordering::Relaxed);
     let mut last_drop_log = Instant::now();
     let mut logged_drops = 0u64;
