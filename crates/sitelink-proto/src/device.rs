@@ -182,6 +182,8 @@ pub struct Device {
     scratch: CryptoBatch,
     /// State of the timer-jitter sequence (see `jitter`).
     jitter_state: u64,
+    /// Bumped whenever the set of peer endpoints may have changed (see `endpoint_generation`).
+    endpoint_generation: u64,
 }
 
 impl std::fmt::Debug for Device {
@@ -235,6 +237,7 @@ impl Device {
             load: LoadMeter::default(),
             scratch: CryptoBatch::default(),
             jitter_state,
+            endpoint_generation: 0,
             config,
         }
     }
@@ -297,7 +300,7 @@ impl Device {
         };
         self.peer_mut(pid).keys.set_preshared_key(config.preshared_key.unwrap_or_default());
         if let Some(ep) = config.endpoint {
-            self.peer_mut(pid).endpoint = Some(ep);
+            self.move_endpoint(pid, ep);
         }
         self.set_persistent_keepalive(now, pid, config.persistent_keepalive)?;
         self.set_allowed_ips(pid, &config.allowed_ips)?;
@@ -319,6 +322,7 @@ impl Device {
         }
         self.free_ids.push(pid.0);
         self.rebuild_routes();
+        self.endpoint_generation += 1;
         Ok(())
     }
 
@@ -331,8 +335,31 @@ impl Device {
 
     /// Sets a peer's endpoint (it changes again when the peer roams).
     pub fn set_endpoint(&mut self, pid: PeerId, endpoint: SocketAddr) -> Result<(), DeviceError> {
-        self.peer_checked(pid)?.endpoint = Some(endpoint);
+        self.peer_checked(pid)?;
+        self.move_endpoint(pid, endpoint);
         Ok(())
+    }
+
+    /// Sets a live peer's endpoint, noting a change in `endpoint_generation`.
+    fn move_endpoint(&mut self, pid: PeerId, endpoint: SocketAddr) {
+        let peer = self.peer_mut(pid);
+        if peer.endpoint != Some(endpoint) {
+            peer.endpoint = Some(endpoint);
+            self.endpoint_generation += 1;
+        }
+    }
+
+    /// A number that changes whenever a peer's endpoint may have: set by configuration, moved
+    /// by roaming, or gone with its peer. I/O layers that keep something per endpoint (a
+    /// connected socket) compare it with the value they last saw, and only then walk
+    /// [`endpoints`](Self::endpoints) again.
+    pub fn endpoint_generation(&self) -> u64 {
+        self.endpoint_generation
+    }
+
+    /// Every peer's current endpoint, in peer order (peers with none are skipped).
+    pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.peers.iter().flatten().filter_map(|p| p.endpoint)
     }
 
     /// Sets a peer's preshared key (`PresharedKey::none()` for none). Applies from the next
@@ -744,7 +771,7 @@ impl Device {
         buf.truncate(len);
         // Authenticated from here on.
         peer.stats.rx_bytes += job.wire_len as u64;
-        peer.endpoint = Some(job.addr);
+        self.move_endpoint(pid, job.addr);
         let confirmed = slot == Slot::Next;
         if confirmed {
             self.confirm_next(pid);
@@ -952,8 +979,8 @@ impl Device {
         }
         peer.greatest_timestamp = Some(received.timestamp());
         peer.last_initiation_consumed = Some(now);
-        peer.endpoint = Some(d.addr);
         peer.stats.rx_bytes += INITIATION_LEN as u64;
+        self.move_endpoint(pid, d.addr);
         self.on_authenticated_received(now, pid);
 
         // Answer it. The response goes into the datagram's own buffer.
@@ -1018,8 +1045,11 @@ impl Device {
             Err(_) => return self.drop_buf(Some(pid), DropReason::HandshakeDecryptFailed, d.buf),
         };
         peer.pending = None;
-        peer.endpoint = Some(d.addr);
         peer.stats.rx_bytes += RESPONSE_LEN as u64;
+        if peer.endpoint != Some(d.addr) {
+            peer.endpoint = Some(d.addr);
+            self.endpoint_generation += 1;
+        }
         // The initiator's new keypair is confirmed at once: it becomes current.
         let new = Keypair::new(&keys, now);
         let freed = match peer.next.take() {

@@ -4,7 +4,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use sitelink_frame::wire::MessageType;
-use sitelink_proto::sim::{Net, WireConfig, is_type, node_key};
+use sitelink_proto::sim::{Net, WireConfig, is_type, node_addr, node_key};
 use sitelink_proto::{DropReason, PeerId};
 
 fn secs(s: u64) -> Duration {
@@ -474,4 +474,41 @@ fn the_data_path_draws_no_randomness() {
     assert_eq!((net.take_delivered(1).len(), net.take_delivered(0).len()), (200, 200));
     let after = [net.nodes[0].rng_calls.load(Relaxed), net.nodes[1].rng_calls.load(Relaxed)];
     assert_eq!(before, after, "random draws on the data path");
+}
+
+/// The endpoint generation, which tells the I/O layer when to redo its per-peer connected
+/// sockets, changes when an endpoint does (handshake, roaming, configuration, removal) and
+/// stays put through ordinary traffic from the same address.
+#[test]
+fn endpoint_generation_follows_endpoint_changes_only() {
+    let mut net = Net::pair(23);
+    net.send(0, 1, b"hello");
+    net.run_for(secs(1));
+    let p = peer_of(&net, 1, 0);
+    let generation = |net: &Net| net.nodes[1].dev.endpoint_generation();
+    let settled = generation(&net);
+    assert_eq!(net.nodes[1].dev.endpoints().collect::<Vec<_>>(), vec![node_addr(0)]);
+    for i in 0..50u32 {
+        net.send(0, 1, &seq_payload(i));
+        net.send(1, 0, &seq_payload(i));
+        net.run_for(Duration::from_millis(20));
+    }
+    assert_eq!(generation(&net), settled, "traffic from the same address changes nothing");
+    net.nodes[1].dev.set_endpoint(p, node_addr(0)).unwrap();
+    assert_eq!(generation(&net), settled, "setting the same endpoint changes nothing");
+
+    let new_addr: SocketAddr = "198.51.100.9:40000".parse().unwrap();
+    net.move_node(0, new_addr);
+    net.send(0, 1, b"from the road");
+    net.run_for(secs(1));
+    let roamed = generation(&net);
+    assert_ne!(roamed, settled, "roaming moves it");
+    assert_eq!(net.nodes[1].dev.endpoints().collect::<Vec<_>>(), vec![new_addr]);
+
+    net.nodes[1].dev.set_endpoint(p, node_addr(0)).unwrap();
+    let configured = generation(&net);
+    assert_ne!(configured, roamed, "configuration moves it");
+    net.nodes[1].dev.remove_peer(p).unwrap();
+    assert_ne!(generation(&net), configured, "removal moves it");
+    assert_eq!(net.nodes[1].dev.endpoints().count(), 0);
 }
