@@ -14,9 +14,11 @@
 //! block lives in the private `sys` module (and `sys::uring`), each with a `// SAFETY:` line.
 
 mod mmsg;
+mod peers;
 mod sys;
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use std::time::Duration;
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
 pub use mmsg::MmsgIo;
+pub use peers::MAX_CONNECTED_PEERS;
 pub use sys::uring::UringIo;
 
 /// Helpers for tests of the crates above, which may not hold `unsafe` themselves.
@@ -235,7 +238,8 @@ pub struct UdpConfig {
     pub buffer_bytes: u32,
     /// Listen on loopback only (for tests and the demo).
     pub loopback_only: bool,
-    /// Set `SO_REUSEPORT`, so that several workers share the port.
+    /// Set `SO_REUSEPORT`, so that several workers share the port, and so that the backend
+    /// can give each peer a connected socket of its own on it ([`PacketIo::connect_peers`]).
     pub reuse_port: bool,
 }
 
@@ -252,6 +256,9 @@ pub struct UdpSocket {
     fd: OwnedFd,
     ipv6: bool,
     port: u16,
+    /// How it was bound: what a connected sibling on the same port needs.
+    opts: sys::UdpOptions,
+    loopback_only: bool,
 }
 
 impl UdpSocket {
@@ -265,7 +272,35 @@ impl UdpSocket {
         };
         let (fd, ipv6) = sys::udp_bind(opts, config.loopback_only)?;
         let port = sys::local_port(fd.as_fd())?;
-        Ok(UdpSocket { fd, ipv6, port })
+        Ok(UdpSocket {
+            fd,
+            ipv6,
+            port,
+            opts: sys::UdpOptions { port, ..opts },
+            loopback_only: config.loopback_only,
+        })
+    }
+
+    /// A socket on this one's port connected to `peer`: IPv4 for an IPv4 peer, IPv6-only for
+    /// an IPv6 one, with the same buffers and mark. The kernel hands it that peer's datagrams
+    /// (they no longer reach this socket) and finds them by its early demultiplexing, without
+    /// a route lookup; sends on it reuse the route cached at `connect`. This socket must have
+    /// been bound with `reuse_port` (else `EADDRINUSE`).
+    pub fn connect_sibling(&self, peer: SocketAddr) -> io::Result<UdpSocket> {
+        if !self.opts.reuse_port {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "the socket was bound without SO_REUSEPORT",
+            ));
+        }
+        let fd = sys::udp_connected(self.opts, self.loopback_only, peer)?;
+        Ok(UdpSocket {
+            fd,
+            ipv6: peer.is_ipv6(),
+            port: self.port,
+            opts: self.opts,
+            loopback_only: self.loopback_only,
+        })
     }
 
     /// The port the socket is bound to.
@@ -278,9 +313,11 @@ impl UdpSocket {
         self.ipv6
     }
 
-    /// Sets `SO_MARK`.
-    pub fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        sys::set_fwmark(self.fd.as_fd(), mark)
+    /// Sets `SO_MARK` (sockets later made by [`connect_sibling`](Self::connect_sibling) get it too).
+    pub fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
+        sys::set_fwmark(self.fd.as_fd(), mark)?;
+        self.opts.fwmark = mark;
+        Ok(())
     }
 
     /// The receive buffer the kernel granted.
@@ -373,6 +410,12 @@ pub struct IoStats {
     /// UDP send system calls (or submissions) made: with GSO and batching, far fewer than
     /// datagrams.
     pub send_calls: u64,
+    /// Peers with a connected socket of their own now ([`PacketIo::connect_peers`]): a level,
+    /// not a count of events.
+    pub peer_sockets: u64,
+    /// Peer sockets closed because a send on them failed in a way that the socket itself
+    /// causes (its source address left the host); the shared socket serves those peers.
+    pub peer_sockets_stale: u64,
 }
 
 impl IoStats {
@@ -389,6 +432,8 @@ impl IoStats {
             tun_write_errors,
             tun_read_errors,
             send_calls,
+            peer_sockets,
+            peer_sockets_stale,
         } = other;
         self.udp_rx += udp_rx;
         self.udp_tx += udp_tx;
@@ -400,6 +445,8 @@ impl IoStats {
         self.tun_write_errors += tun_write_errors;
         self.tun_read_errors += tun_read_errors;
         self.send_calls += send_calls;
+        self.peer_sockets += peer_sockets;
+        self.peer_sockets_stale += peer_sockets_stale;
     }
 }
 
@@ -436,6 +483,16 @@ pub trait PacketIo: Send {
 
     /// The bound UDP port.
     fn port(&self) -> u16;
+
+    /// Gives each of `peers` (up to [`MAX_CONNECTED_PEERS`], the first ones) a socket of its
+    /// own, connected to it on the backend's port ([`UdpSocket::connect_sibling`]): sends to a
+    /// peer and its datagrams in then skip the kernel's per-datagram route lookups, which is
+    /// most of what a userspace tunnel adds to an idle round trip on a small machine. Peers
+    /// already connected keep their socket; the sockets of addresses no longer listed are
+    /// closed; an empty list closes them all. Every other address is served by the shared
+    /// socket, as is a peer whose socket cannot be made (the first such error is returned,
+    /// after the rest are set up). Call it when the peers' endpoints change, not per turn.
+    fn connect_peers(&mut self, peers: &[SocketAddr]) -> io::Result<()>;
 
     /// Sets `SO_MARK` on the socket.
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()>;

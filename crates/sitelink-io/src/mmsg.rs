@@ -3,11 +3,12 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use sitelink_frame::{BufPool, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
+use crate::peers::{self, MAX_CONNECTED_PEERS, PeerSockets};
 use crate::sys::{self, MsgBatch, SendGroup};
 use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
 
@@ -61,6 +62,8 @@ pub struct MmsgIo {
     more_packets: bool,
     waker: Waker,
     stats: IoStats,
+    /// The peers' connected sockets (`flag`: datagrams may be waiting).
+    peers: PeerSockets,
 }
 
 impl std::fmt::Debug for MmsgIo {
@@ -91,12 +94,61 @@ impl MmsgIo {
             more_packets: true,
             waker: Waker::new()?,
             stats: IoStats::default(),
+            peers: PeerSockets::new(),
         })
     }
 
     /// Whether sends use UDP GSO.
     pub fn gso(&self) -> bool {
         self.gso
+    }
+
+    /// One `recvmmsg` on the shared socket (`None`) or a peer's: returns whether more may be
+    /// waiting, and the error to report.
+    fn recv_from(
+        &mut self,
+        peer: Option<usize>,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+    ) -> (bool, io::Result<()>) {
+        while self.rx_bufs.len() < self.batch {
+            self.rx_bufs.push(pool.get());
+        }
+        let sock = match peer {
+            None => &self.udp,
+            Some(i) => &self.peers.list[i].sock,
+        };
+        let got =
+            match self.msgs.recv(sock.as_fd(), &mut self.rx_bufs, &mut self.rx_addrs, &mut self.rx_truncated)
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                    return (false, Ok(()));
+                }
+                Err(e) => {
+                    // Pending ICMP errors (port unreachable from an old send) surface here; they
+                    // are counted and the socket stays usable.
+                    self.stats.udp_recv_errors += 1;
+                    return (
+                        true,
+                        if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) },
+                    );
+                }
+            };
+        for i in 0..got {
+            let buf = std::mem::replace(&mut self.rx_bufs[i], pool.get());
+            match (self.rx_addrs[i], self.rx_truncated[i]) {
+                (Some(addr), false) => {
+                    self.stats.udp_rx += 1;
+                    out.push(Datagram { addr, buf });
+                }
+                _ => {
+                    self.stats.udp_truncated += 1;
+                    pool.put(buf);
+                }
+            }
+        }
+        (got == self.batch, Ok(()))
     }
 }
 
@@ -143,58 +195,47 @@ impl PacketIo for MmsgIo {
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         // With input left over from a full batch, only look (no sleeping) at the others.
-        let timeout = if self.more_udp || self.more_packets { Some(Duration::ZERO) } else { timeout };
-        let mut ready = [false; 3];
-        sys::poll(&[self.udp.as_fd(), self.packets.as_fd(), self.waker.0.as_fd()], &mut ready, timeout)?;
+        let more_peer = self.peers.list.iter().any(|p| p.flag);
+        let timeout =
+            if self.more_udp || self.more_packets || more_peer { Some(Duration::ZERO) } else { timeout };
+        const OWN: usize = 3;
+        let n = OWN + self.peers.list.len();
+        let mut ready = [false; OWN + MAX_CONNECTED_PEERS];
+        let fds: [BorrowedFd<'_>; OWN + MAX_CONNECTED_PEERS] = std::array::from_fn(|i| match i {
+            0 => self.udp.as_fd(),
+            1 => self.packets.as_fd(),
+            2 => self.waker.0.as_fd(),
+            i => self.peers.list.get(i - OWN).map_or(self.udp.as_fd(), |p| p.sock.as_fd()),
+        });
+        sys::poll(&fds[..n], &mut ready[..n], timeout)?;
         self.more_udp |= ready[0];
         self.more_packets |= ready[1];
         if ready[2] {
             self.waker.drain();
         }
+        for (p, r) in self.peers.list.iter_mut().zip(&ready[OWN..n]) {
+            p.flag |= *r;
+        }
         Ok(())
     }
 
     fn recv_datagrams(&mut self, pool: &mut BufPool, out: &mut Vec<Datagram>) -> io::Result<()> {
-        if !self.more_udp {
-            return Ok(());
+        let mut result = Ok(());
+        if self.more_udp {
+            let (more, r) = self.recv_from(None, pool, out);
+            self.more_udp = more;
+            result = r;
         }
-        while self.rx_bufs.len() < self.batch {
-            self.rx_bufs.push(pool.get());
-        }
-        let got = match self.msgs.recv(
-            self.udp.as_fd(),
-            &mut self.rx_bufs,
-            &mut self.rx_addrs,
-            &mut self.rx_truncated,
-        ) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                self.more_udp = false;
-                return Ok(());
-            }
-            Err(e) => {
-                // Pending ICMP errors (port unreachable from an old send) surface here; they
-                // are counted and the socket stays usable.
-                self.stats.udp_recv_errors += 1;
-                self.more_udp = true;
-                return if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) };
-            }
-        };
-        self.more_udp = got == self.batch;
-        for i in 0..got {
-            let buf = std::mem::replace(&mut self.rx_bufs[i], pool.get());
-            match (self.rx_addrs[i], self.rx_truncated[i]) {
-                (Some(addr), false) => {
-                    self.stats.udp_rx += 1;
-                    out.push(Datagram { addr, buf });
-                }
-                _ => {
-                    self.stats.udp_truncated += 1;
-                    pool.put(buf);
+        for i in 0..self.peers.list.len() {
+            if self.peers.list[i].flag {
+                let (more, r) = self.recv_from(Some(i), pool, out);
+                self.peers.list[i].flag = more;
+                if result.is_ok() {
+                    result = r;
                 }
             }
         }
-        Ok(())
+        result
     }
 
     fn read_packets(&mut self, pool: &mut BufPool, out: &mut Vec<PacketBuf>) -> io::Result<()> {
@@ -213,8 +254,21 @@ impl PacketIo for MmsgIo {
             group_for_gso(chunk, self.gso, &mut self.groups);
             let mut g = 0;
             while g < self.groups.len() {
+                // A run of groups for one socket: a peer's connected one, or the shared one.
+                let target = self.peers.find(&chunk[self.groups[g].start].addr);
+                let mut run_end = g + 1;
+                while run_end < self.groups.len()
+                    && self.peers.find(&chunk[self.groups[run_end].start].addr) == target
+                {
+                    run_end += 1;
+                }
+                let (sock, addressed) = match target {
+                    Some(i) => (&self.peers.list[i].sock, false),
+                    None => (&self.udp, true),
+                };
                 self.stats.send_calls += 1;
-                match self.msgs.send(self.udp.as_fd(), self.udp.is_ipv6(), chunk, &self.groups[g..]) {
+                match self.msgs.send(sock.as_fd(), sock.is_ipv6(), addressed, chunk, &self.groups[g..run_end])
+                {
                     Ok(n) => {
                         for grp in &self.groups[g..g + n] {
                             self.stats.udp_tx += (grp.end - grp.start) as u64;
@@ -234,12 +288,21 @@ impl PacketIo for MmsgIo {
                         }
                         g = 0;
                     }
-                    Err(_) => {
+                    Err(e) => {
                         // This message failed (unreachable, no route, a pending ICMP error):
                         // count its datagrams and go on with the rest.
                         let grp = self.groups[g];
                         self.stats.udp_send_errors += (grp.end - grp.start) as u64;
                         g += 1;
+                        if let Some(i) = target
+                            && e.raw_os_error().is_some_and(peers::is_stale)
+                        {
+                            // The peer's socket lost its source address: the shared socket
+                            // serves the peer from here on.
+                            drop(self.peers.list.swap_remove(i));
+                            self.stats.peer_sockets = self.peers.list.len() as u64;
+                            self.stats.peer_sockets_stale += 1;
+                        }
                     }
                 }
             }
@@ -265,7 +328,21 @@ impl PacketIo for MmsgIo {
         self.gso = udp.supports_gso();
         self.udp = udp;
         self.more_udp = true;
-        Ok(())
+        // The peers' sockets move to the new port too. (Datagrams still queued on the old
+        // ones were sent to the old port, which the link has left.)
+        let (addrs, n) = self.peers.addrs();
+        self.peers.update(&self.udp, [], true, drop)?;
+        let result = self.peers.update(&self.udp, addrs[..n].iter().flatten().copied(), true, drop);
+        self.stats.peer_sockets = self.peers.list.len() as u64;
+        result
+    }
+
+    fn connect_peers(&mut self, peers: &[SocketAddr]) -> io::Result<()> {
+        // A new socket may already hold datagrams (it shares the port before it connects):
+        // look at it in the next turn.
+        let result = self.peers.update(&self.udp, peers.iter().copied(), true, drop);
+        self.stats.peer_sockets = self.peers.list.len() as u64;
+        result
     }
 
     fn port(&self) -> u16 {
@@ -273,7 +350,8 @@ impl PacketIo for MmsgIo {
     }
 
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
-        self.udp.set_fwmark(mark)
+        self.udp.set_fwmark(mark)?;
+        self.peers.list.iter_mut().try_for_each(|p| p.sock.set_fwmark(mark))
     }
 
     fn waker(&self) -> Waker {

@@ -20,8 +20,12 @@ struct Rig {
 }
 
 fn rig(kind: BackendKind) -> Option<Rig> {
+    rig_with(kind, loopback())
+}
+
+fn rig_with(kind: BackendKind, config: UdpConfig) -> Option<Rig> {
     let (app, fd) = PacketPipe::pair().expect("pipe");
-    let udp = UdpSocket::bind(loopback()).expect("bind");
+    let udp = UdpSocket::bind(config).expect("bind");
     let (io, fallback) = open_backend(kind, fd, udp, 64).expect("backend");
     if let Some(why) = fallback {
         assert!(std::env::var("CI").is_err() || kind == BackendKind::Mmsg, "io_uring must work in CI: {why}");
@@ -202,6 +206,100 @@ fn flood_keeps_buffers_bounded(kind: BackendKind) {
     assert!(r.pool.allocated() < 4096, "{} buffers allocated for {} datagrams", r.pool.allocated(), s.udp_rx);
 }
 
+/// Sockets on `port` that the kernel lists as connected to `remote` (from /proc/net/udp).
+fn connected_sockets(port: u16, remote: SocketAddr) -> usize {
+    let SocketAddr::V4(r) = remote else { panic!("IPv4 only") };
+    let want = format!("{:08X}:{:04X}", u32::from(*r.ip()).swap_bytes(), r.port());
+    let table = std::fs::read_to_string("/proc/net/udp").expect("/proc/net/udp");
+    table
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[1].ends_with(&format!(":{port:04X}")) && f[2] == want
+        })
+        .count()
+}
+
+/// Peers with a connected socket: their datagrams still arrive, from the right address,
+/// beside others' on the shared socket; sends to them leave from the link's port; the
+/// sockets follow the peer list and a new port.
+fn peer_sockets(kind: BackendKind) {
+    let Some(mut r) = rig_with(kind, UdpConfig { reuse_port: true, ..loopback() }) else { return };
+    r.flush();
+    let peer = r.peer.local_addr().expect("addr");
+    let stranger = StdUdp::bind("127.0.0.1:0").expect("bind");
+    stranger.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let stranger_addr = stranger.local_addr().expect("addr");
+    r.io.connect_peers(&[peer, peer]).expect("connect");
+    assert_eq!(r.io.stats().peer_sockets, 1, "one socket per distinct address");
+    assert_eq!(connected_sockets(r.io.port(), peer), 1, "the kernel holds it, connected");
+    r.flush();
+
+    for i in 0..20u8 {
+        r.peer.send_to(&[i; 50], r.addr()).expect("send");
+        if i % 4 == 0 {
+            stranger.send_to(&[100 + i; 50], r.addr()).expect("send");
+        }
+    }
+    let got = r.recv(25);
+    assert_eq!(got.len(), 25, "{:?}", r.io.stats());
+    let from_peer: Vec<u8> = got.iter().filter(|d| d.addr == peer).map(|d| d.buf.data()[0]).collect();
+    assert_eq!(from_peer, (0..20).collect::<Vec<u8>>(), "the peer's datagrams, in order");
+    assert_eq!(got.iter().filter(|d| d.addr == stranger_addr).count(), 5);
+
+    // Out, interleaved: the peer's through its socket, the stranger's through the shared one.
+    let mut out: Vec<Datagram> = (0..12u8)
+        .map(|i| Datagram {
+            addr: if i % 3 == 2 { stranger_addr } else { peer },
+            buf: PacketBuf::from_slice(&[i; 200]),
+        })
+        .collect();
+    r.io.send_datagrams(&mut out, &mut r.pool).expect("send");
+    r.flush();
+    let mut buf = [0u8; 2000];
+    for want in (0..12u8).filter(|i| i % 3 != 2) {
+        let (n, from) = r.peer.recv_from(&mut buf).expect("peer receives");
+        assert_eq!((from.port(), &buf[..n]), (r.io.port(), &[want; 200][..]));
+    }
+    for want in (0..12u8).filter(|i| i % 3 == 2) {
+        let (n, from) = stranger.recv_from(&mut buf).expect("stranger receives");
+        assert_eq!((from.port(), &buf[..n]), (r.io.port(), &[want; 200][..]));
+    }
+    assert_eq!(r.io.stats().udp_send_errors, 0);
+
+    // A new port: the peer's socket moves with it.
+    let new = UdpSocket::bind(UdpConfig { reuse_port: true, ..loopback() }).expect("bind");
+    r.io.replace_socket(new, &mut r.pool).expect("replace");
+    assert_eq!(r.io.stats().peer_sockets, 1);
+    assert_eq!(connected_sockets(r.io.port(), peer), 1);
+    r.flush();
+    r.peer.send_to(b"new port", r.addr()).expect("send");
+    let got = r.recv(1);
+    assert_eq!((got.len(), got[0].addr, got[0].buf.data()), (1, peer, &b"new port"[..]));
+
+    // Off the list: the socket closes and the peer is served by the shared socket again.
+    r.io.connect_peers(&[]).expect("disconnect");
+    r.flush();
+    assert_eq!(r.io.stats().peer_sockets, 0);
+    assert_eq!(connected_sockets(r.io.port(), peer), 0, "closed");
+    r.peer.send_to(b"shared again", r.addr()).expect("send");
+    let got = r.recv(1);
+    assert_eq!((got.len(), got[0].addr, got[0].buf.data()), (1, peer, &b"shared again"[..]));
+}
+
+/// Without `SO_REUSEPORT` on the shared socket no peer socket can join its port: the error is
+/// reported and the shared socket goes on serving the peer.
+fn peer_sockets_need_reuse_port(kind: BackendKind) {
+    let Some(mut r) = rig(kind) else { return };
+    let peer = r.peer.local_addr().expect("addr");
+    let e = r.io.connect_peers(&[peer]).expect_err("no SO_REUSEPORT");
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+    assert_eq!(r.io.stats().peer_sockets, 0);
+    r.peer.send_to(b"still", r.addr()).expect("send");
+    assert_eq!(r.recv(1).len(), 1);
+}
+
 macro_rules! suite {
     ($($name:ident: $kind:expr;)*) => {
         mod suite {
@@ -214,6 +312,8 @@ macro_rules! suite {
                     #[test] fn waker_and_truncation() { super::waker_and_truncation($kind) }
                     #[test] fn replace_socket() { super::replace_socket($kind) }
                     #[test] fn flood_keeps_buffers_bounded() { super::flood_keeps_buffers_bounded($kind) }
+                    #[test] fn peer_sockets() { super::peer_sockets($kind) }
+                    #[test] fn peer_sockets_need_reuse_port() { super::peer_sockets_need_reuse_port($kind) }
                 }
             )*
         }

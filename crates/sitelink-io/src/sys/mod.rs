@@ -333,18 +333,19 @@ pub(crate) struct UdpOptions {
 pub(crate) fn udp_bind(opts: UdpOptions, loopback_only: bool) -> io::Result<(OwnedFd, bool)> {
     if loopback_only {
         // A socket bound to ::1 cannot reach 127.0.0.1, even v4-mapped: loopback is IPv4.
-        return udp_bind_family(opts, false, true).map(|fd| (fd, false));
+        return udp_bind_family(opts, false, true, false).map(|fd| (fd, false));
     }
-    match udp_bind_family(opts, true, loopback_only) {
+    match udp_bind_family(opts, true, loopback_only, false) {
         Ok(fd) => Ok((fd, true)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)) => {
-            udp_bind_family(opts, false, loopback_only).map(|fd| (fd, false))
+            udp_bind_family(opts, false, loopback_only, false).map(|fd| (fd, false))
         }
         Err(e) => Err(e),
     }
 }
 
-fn udp_bind_family(opts: UdpOptions, ipv6: bool, loopback_only: bool) -> io::Result<OwnedFd> {
+/// A socket of one family bound as `opts` says; an IPv6 one is dual-stack unless `v6only`.
+fn udp_bind_family(opts: UdpOptions, ipv6: bool, loopback_only: bool, v6only: bool) -> io::Result<OwnedFd> {
     let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: socket has no memory preconditions.
     let fd = check(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
@@ -352,7 +353,7 @@ fn udp_bind_family(opts: UdpOptions, ipv6: bool, loopback_only: bool) -> io::Res
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let b = fd.as_fd_borrow();
     if ipv6 {
-        setsockopt_int(b, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+        setsockopt_int(b, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, libc::c_int::from(v6only))?;
     }
     if opts.reuse_port {
         setsockopt_int(b, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
@@ -381,6 +382,24 @@ fn udp_bind_family(opts: UdpOptions, ipv6: bool, loopback_only: bool) -> io::Res
     // SAFETY: `addr.storage` holds a socket address of `addr.len` bytes.
     check(unsafe {
         libc::bind(fd.as_raw_fd(), (&addr.storage as *const libc::sockaddr_in6).cast(), addr.len)
+    })?;
+    Ok(fd)
+}
+
+/// A socket bound as `opts` says (its port, `SO_REUSEPORT`, buffers, mark) and connected to
+/// `peer`: IPv4 for an IPv4 peer, IPv6-only for an IPv6 one, so that the kernel files it
+/// under the peer's own family for early demultiplexing.
+pub(crate) fn udp_connected(opts: UdpOptions, loopback_only: bool, peer: SocketAddr) -> io::Result<OwnedFd> {
+    let v6 = peer.is_ipv6();
+    if v6 && loopback_only {
+        // Loopback is IPv4 here; an IPv6 socket would listen beyond it.
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "an IPv6 peer on a loopback-only link"));
+    }
+    let fd = udp_bind_family(UdpOptions { reuse_port: true, ..opts }, v6, loopback_only, v6)?;
+    let addr = RawAddr::new(peer, v6);
+    // SAFETY: `addr.storage` holds a socket address of `addr.len` bytes.
+    check(unsafe {
+        libc::connect(fd.as_raw_fd(), (&addr.storage as *const libc::sockaddr_in6).cast(), addr.len)
     })?;
     Ok(fd)
 }
@@ -516,11 +535,14 @@ impl MsgBatch {
 
     /// Sends one message per group: group `g` is `dgrams[g.start..g.end]` to the address of
     /// its first datagram, cut by the kernel into datagrams of `g.segment` bytes when that is
-    /// non-zero (UDP GSO). Returns how many groups the kernel took.
+    /// non-zero (UDP GSO). Returns how many groups the kernel took. On a connected socket
+    /// (`addressed` false) the messages carry no address: the kernel then uses the route it
+    /// cached at `connect`.
     pub(crate) fn send(
         &mut self,
         fd: BorrowedFd<'_>,
         ipv6_socket: bool,
+        addressed: bool,
         dgrams: &[Datagram],
         groups: &[SendGroup],
     ) -> io::Result<usize> {
@@ -535,10 +557,15 @@ impl MsgBatch {
                 let data = d.buf.data();
                 *slot = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
             }
-            self.addrs[i] = RawAddr::new(pieces[0].addr, ipv6_socket);
             let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i].storage as *mut libc::sockaddr_in6).cast();
-            h.msg_namelen = self.addrs[i].len;
+            if addressed {
+                self.addrs[i] = RawAddr::new(pieces[0].addr, ipv6_socket);
+                h.msg_name = (&mut self.addrs[i].storage as *mut libc::sockaddr_in6).cast();
+                h.msg_namelen = self.addrs[i].len;
+            } else {
+                h.msg_name = std::ptr::null_mut();
+                h.msg_namelen = 0;
+            }
             h.msg_iov = &mut self.iovs[iov];
             h.msg_iovlen = pieces.len();
             h.msg_flags = 0;

@@ -34,6 +34,7 @@ use sitelink_frame::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, Pack
 
 use super::{GSO_CMSG_SPACE, RawAddr, SendGroup, set_gso_segment};
 use crate::mmsg::group_for_gso;
+use crate::peers::{PeerSocket, PeerSockets};
 use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
 
 const KIND_SHIFT: u64 = 56;
@@ -197,6 +198,8 @@ struct SendSlot {
     cmsg: [u64; GSO_CMSG_SPACE / 8],
     bufs: Vec<PacketBuf>,
     datagrams: usize,
+    /// The peer socket it went out on (its id), or 0 for the shared socket.
+    peer_id: u32,
 }
 
 /// io_uring batched I/O. See the module documentation.
@@ -232,6 +235,14 @@ pub struct UringIo {
     enabled: bool,
     tun_read_error: Option<io::Error>,
     stats: IoStats,
+    /// The peers' connected sockets (`flag`: its multishot receive is armed), each received
+    /// with user data `ud(UDP_RECV, id)`; the shared socket is id 0.
+    peers: PeerSockets,
+    /// Sockets no longer wanted whose receive is being cancelled: each is closed when its
+    /// last completion is reaped, so that no request in flight meets a reused descriptor.
+    closing: Vec<PeerSocket>,
+    /// Peer sockets (ids) whose sends failed because the socket went stale.
+    stale: Vec<u32>,
 }
 
 // SAFETY: the raw pointers inside (buffer ring, msghdrs, iovecs) point into memory this value
@@ -307,6 +318,9 @@ impl UringIo {
             enabled: false,
             tun_read_error: None,
             stats: IoStats::default(),
+            peers: PeerSockets::new(),
+            closing: Vec::new(),
+            stale: Vec::with_capacity(crate::MAX_CONNECTED_PEERS),
         };
         for i in 0..batch {
             let mut slot = SendSlot {
@@ -317,6 +331,7 @@ impl UringIo {
                 cmsg: [0; GSO_CMSG_SPACE / 8],
                 bufs: Vec::with_capacity(crate::mmsg::GSO_MAX_SEGMENTS),
                 datagrams: 0,
+                peer_id: 0,
             };
             slot.iovs.clear();
             io.sends.push(Box::new(slot));
@@ -341,8 +356,15 @@ impl UringIo {
     }
 
     /// Lends fresh buffers for every consumed id, and re-arms the multishot receive, the
-    /// multishot TUN read and the waker where they ended.
+    /// multishot TUN read and the waker where they ended; closes stale peer sockets.
     fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
+        while let Some(id) = self.stale.pop() {
+            if let Some(i) = self.peers.list.iter().position(|p| p.id == id) {
+                self.retire(i)?;
+                self.stats.peer_sockets = self.peers.list.len() as u64;
+                self.stats.peer_sockets_stale += 1;
+            }
+        }
         self.udp_bufs.refill(pool)?;
         self.tun_bufs.refill(pool)?;
         if !self.recv_armed {
@@ -353,6 +375,23 @@ impl UringIo {
             // the buffer ring, whose memory `self.udp_bufs` owns.
             unsafe { self.push(&entry)? };
             self.recv_armed = true;
+        }
+        for i in 0..self.peers.list.len() {
+            if self.peers.list[i].flag {
+                continue;
+            }
+            let p = &self.peers.list[i];
+            let entry = opcode::RecvMsgMulti::new(
+                io_uring::types::Fd(p.sock.as_fd().as_raw_fd()),
+                &*self.recv_msghdr,
+                BGID_UDP,
+            )
+            .build()
+            .user_data(ud(UDP_RECV, p.id as usize));
+            // SAFETY: as for the shared socket's receive above; the socket stays open until
+            // this request's last completion (see `closing`).
+            unsafe { self.push(&entry)? };
+            self.peers.list[i].flag = true;
         }
         if !self.tun_read_armed && self.tun_read_error.is_none() {
             let entry =
@@ -416,7 +455,14 @@ impl UringIo {
                 }
                 UDP_RECV => {
                     if !cqueue::more(cqe.flags()) {
-                        self.recv_armed = false;
+                        if slot == 0 {
+                            self.recv_armed = false;
+                        } else if let Some(p) = self.peers.list.iter_mut().find(|p| p.id as usize == slot) {
+                            p.flag = false;
+                        } else {
+                            // A closed peer's receive has ended: its socket may go now.
+                            self.closing.retain(|p| p.id as usize != slot);
+                        }
                     }
                     let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
                         if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
@@ -470,6 +516,13 @@ impl UringIo {
                             self.gso = false;
                         }
                         self.stats.udp_send_errors += s.datagrams as u64;
+                        if s.peer_id != 0
+                            && crate::peers::is_stale(-result)
+                            && !self.stale.contains(&s.peer_id)
+                        {
+                            // Closed at the next refill; the shared socket serves the peer.
+                            self.stale.push(s.peer_id);
+                        }
                     } else {
                         self.stats.udp_tx += s.datagrams as u64;
                     }
@@ -515,7 +568,10 @@ impl PacketIo for UringIo {
         }
         // Until the receive, the reads and the waker are armed (the first turn, or after the
         // buffer ring ran dry), nothing may complete: go round once to arm them.
-        let unarmed = !self.recv_armed || !self.wake_armed || !self.tun_read_armed;
+        let unarmed = !self.recv_armed
+            || !self.wake_armed
+            || !self.tun_read_armed
+            || self.peers.list.iter().any(|p| !p.flag);
         if unarmed || !self.ready_packets.is_empty() || !self.ready_datagrams.is_empty() {
             self.ring.submit()?;
             self.reap();
@@ -573,12 +629,20 @@ impl PacketIo for UringIo {
                 let s = &mut *self.sends[slot];
                 s.iovs.clear();
                 s.bufs.clear();
+                let mut to = None;
                 for _ in g.start..g.end {
                     let d = drained.next().expect("groups cover the batch");
                     if s.bufs.is_empty() {
-                        s.addr = RawAddr::new(d.addr, ipv6);
+                        to = Some(d.addr);
                     }
                     s.bufs.push(d.buf);
+                }
+                // A peer with a connected socket gets its datagrams through it, unaddressed.
+                let peer = to.and_then(|a| self.peers.find(&a));
+                let peer_fd = peer.map(|i| self.peers.list[i].sock.as_fd().as_raw_fd());
+                s.peer_id = peer.map_or(0, |i| self.peers.list[i].id);
+                if let (None, Some(a)) = (peer, to) {
+                    s.addr = RawAddr::new(a, ipv6);
                 }
                 for b in &s.bufs {
                     let data = b.data();
@@ -588,14 +652,22 @@ impl PacketIo for UringIo {
                     });
                 }
                 s.datagrams = g.end - g.start;
-                s.hdr.msg_name = (&mut s.addr.storage as *mut libc::sockaddr_in6).cast();
-                s.hdr.msg_namelen = s.addr.len;
+                if peer_fd.is_some() {
+                    s.hdr.msg_name = std::ptr::null_mut();
+                    s.hdr.msg_namelen = 0;
+                } else {
+                    s.hdr.msg_name = (&mut s.addr.storage as *mut libc::sockaddr_in6).cast();
+                    s.hdr.msg_namelen = s.addr.len;
+                }
                 s.hdr.msg_iov = s.iovs.as_mut_ptr();
                 s.hdr.msg_iovlen = s.iovs.len();
                 s.hdr.msg_flags = 0;
                 set_gso_segment(&mut s.hdr, &mut s.cmsg, g.segment);
-                let entry =
-                    opcode::SendMsg::new(Fixed(FILE_UDP), &s.hdr).build().user_data(ud(UDP_SEND, slot));
+                let entry = match peer_fd {
+                    Some(fd) => opcode::SendMsg::new(io_uring::types::Fd(fd), &s.hdr).build(),
+                    None => opcode::SendMsg::new(Fixed(FILE_UDP), &s.hdr).build(),
+                }
+                .user_data(ud(UDP_SEND, slot));
                 self.stats.send_calls += 1;
                 // SAFETY: the slot is boxed and owns the msghdr, iovecs, address, control space
                 // and the buffers the iovecs point at until the completion returns it.
@@ -626,6 +698,13 @@ impl PacketIo for UringIo {
     }
 
     fn replace_socket(&mut self, udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
+        // The peers' sockets move to the new port too.
+        let (addrs, n) = self.peers.addrs();
+        self.connect_peers(&[])?;
+        while !self.closing.is_empty() {
+            self.ring.submit_and_wait(1)?;
+            self.reap();
+        }
         if self.recv_armed {
             let entry = opcode::AsyncCancel::new(ud(UDP_RECV, 0)).build().user_data(ud(CANCEL, 0));
             // SAFETY: a cancel request carries no buffers.
@@ -639,7 +718,27 @@ impl PacketIo for UringIo {
         self.ring.submitter().register_files_update(FILE_UDP, &[udp.as_fd().as_raw_fd()])?;
         self.gso = udp.supports_gso();
         self.udp = udp;
-        Ok(())
+        let addrs: [SocketAddr; crate::MAX_CONNECTED_PEERS] =
+            std::array::from_fn(|i| addrs[i].unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
+        self.connect_peers(&addrs[..n])
+    }
+
+    fn connect_peers(&mut self, peers: &[SocketAddr]) -> io::Result<()> {
+        // Requests already queued go in first, so that each takes its file while it is open.
+        // (A ring not yet enabled has had nothing queued.)
+        if self.enabled {
+            self.ring.submit()?;
+        }
+        let mut gone = std::mem::take(&mut self.closing);
+        let result = self.peers.update(&self.udp, peers.iter().copied(), false, |p| gone.push(p));
+        for p in gone.iter().filter(|p| p.flag) {
+            Self::cancel_recv(&mut self.ring, p.id)?;
+        }
+        // A socket whose receive was never armed has nothing in flight: it closes now.
+        gone.retain(|p| p.flag);
+        self.closing = gone;
+        self.stats.peer_sockets = self.peers.list.len() as u64;
+        result
     }
 
     fn port(&self) -> u16 {
@@ -647,7 +746,8 @@ impl PacketIo for UringIo {
     }
 
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
-        self.udp.set_fwmark(mark)
+        self.udp.set_fwmark(mark)?;
+        self.peers.list.iter_mut().try_for_each(|p| p.sock.set_fwmark(mark))
     }
 
     fn waker(&self) -> Waker {
@@ -660,11 +760,39 @@ impl PacketIo for UringIo {
 }
 
 impl UringIo {
+    /// Takes peer socket `i` off the list: closed now if nothing is in flight on it, else
+    /// once its receive, cancelled here, has ended.
+    fn retire(&mut self, i: usize) -> io::Result<()> {
+        let p = self.peers.list.swap_remove(i);
+        if p.flag {
+            Self::cancel_recv(&mut self.ring, p.id)?;
+            self.closing.push(p);
+        } else if self.enabled {
+            // Sends queued on it take their file before it closes.
+            self.ring.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Queues the cancellation of peer socket `id`'s multishot receive.
+    fn cancel_recv(ring: &mut IoUring, id: u32) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(ud(UDP_RECV, id as usize)).build().user_data(ud(CANCEL, 0));
+        loop {
+            // SAFETY: a cancel request carries no buffers.
+            if unsafe { ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            ring.submit()?;
+        }
+    }
+
     /// Requests still in flight.
     fn outstanding(&self) -> usize {
         self.tun_writes.iter().filter(|b| b.is_some()).count()
             + (self.sends.len() - self.sends_free.len())
             + usize::from(self.recv_armed)
+            + self.peers.list.iter().filter(|p| p.flag).count()
+            + self.closing.len()
             + usize::from(self.wake_armed)
             + usize::from(self.tun_read_armed)
     }
