@@ -186,7 +186,13 @@ fn restarted_peer_is_back_within_one_rekey_timeout() {
 #[test]
 fn roaming_mid_transfer_keeps_the_stream_intact() {
     let _serial = serial();
-    let Some(mut pair) = sitelink_pair(["uring", "mmsg"], &[]) else { return };
+    // B (the side that moves) on each backend in turn.
+    roam_mid_transfer(["uring", "mmsg"]);
+    roam_mid_transfer(["mmsg", "uring"]);
+}
+
+fn roam_mid_transfer(backends: [&'static str; 2]) {
+    let Some(mut pair) = sitelink_pair(backends, &[]) else { return };
     pair.configure();
     assert!(pair.ping_until(0, Duration::from_secs(10)).is_some());
     let (ns_a, ns_b, veth_b, if_a) =
@@ -214,6 +220,10 @@ fn roaming_mid_transfer_keeps_the_stream_intact() {
     let endpoints = pair.ns_exec(0, &format!("wg show {} endpoints", pair.ifname[0]));
     assert!(endpoints.contains("10.201.0.4:51820"), "A did not follow B: {endpoints}");
     pair.tcp_transfer_checked(0, 1 << 20);
+    // B's socket connected to A kept the old source address: its sends failed, so it was
+    // closed and the shared socket, choosing the new source, carried B on.
+    let b = pair.stop_and_read_counters(1);
+    assert!(b.contains("peer_sockets_stale: 1"), "B's connected socket was not retired: {b}");
 }
 
 #[test]

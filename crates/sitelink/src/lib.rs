@@ -209,7 +209,8 @@ impl LinkBuilder {
 
     fn start(self, queues: Vec<sitelink_io::PacketFd>, ifname: Option<String>) -> Result<Link, LinkError> {
         let mut udp_config = self.udp;
-        udp_config.reuse_port = queues.len() > 1;
+        // Shared by the workers' sockets, and by the peers' connected ones beside them.
+        udp_config.reuse_port = true;
         let sockets = bind_sockets(udp_config, queues.len())?;
         let port = sockets[0].port();
         udp_config.port = port;
@@ -265,7 +266,16 @@ impl LinkBuilder {
 
 /// Binds `n` sockets on one port: the first as `config` says (port 0 picks one), the others
 /// on the port the first got (`config.reuse_port` must be set when `n` > 1).
+///
+/// The sockets share the port with `SO_REUSEPORT`, which would also let another process of
+/// the same user join them on a port it already holds (or on one the kernel picks). So the
+/// port is first taken without the option, which fails if anyone holds it, and let go just
+/// before the sockets bind it.
 fn bind_sockets(mut config: UdpConfig, n: usize) -> Result<Vec<UdpSocket>, LinkError> {
+    let probe = UdpSocket::bind(UdpConfig { reuse_port: false, buffer_bytes: 0, ..config })
+        .map_err(LinkError::io("binding the UDP port"))?;
+    config.port = probe.port();
+    drop(probe);
     let mut sockets = Vec::with_capacity(n);
     for _ in 0..n {
         let socket = UdpSocket::bind(config).map_err(LinkError::io("binding the UDP port"))?;

@@ -40,6 +40,10 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(50);
 const ENGINE_POOL_LOW: usize = 16;
 const ENGINE_POOL_HIGH: usize = 128;
 
+/// How often a worker tries again to give peers their connected sockets when some are missing
+/// (a connect failed, or a socket went stale when its source address left the host).
+const PEER_SOCKET_RETRY: Duration = Duration::from_secs(30);
+
 /// Vectors are sized for the largest batch a backend moves per call.
 const VEC_CAPACITY: usize = 1024;
 
@@ -56,6 +60,12 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
     let mut last_drop_log = Instant::now();
     let mut logged_drops = 0u64;
     let mut errors = ErrorLog::default();
+    // The peers' endpoints as last given to the backend's connected sockets.
+    let mut endpoints: Vec<std::net::SocketAddr> = Vec::with_capacity(sitelink_io::MAX_CONNECTED_PEERS);
+    let mut endpoint_generation = None;
+    // How many distinct endpoints want a socket, and when the backend was last asked.
+    let mut endpoints_wanted = 0u64;
+    let mut last_connect = Instant::now();
 
     let mut deadline = lock(&shared.device).next_deadline();
     while !shared.stop.load(Ordering::Relaxed) {
@@ -107,6 +117,7 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
         }
 
         let mut failed_read = false;
+        let endpoints_moved;
         if let Err(e) = io.read_packets(&mut pool, &mut read) {
             if sitelink_io::is_device_gone(&e) {
                 tracing::info!(error = %e, "the TUN device is gone; stopping");
@@ -133,6 +144,26 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
                 last_drop_log = now;
             }
             deadline = dev.next_deadline();
+            endpoints_moved = endpoint_generation != Some(dev.endpoint_generation());
+            if endpoints_moved {
+                endpoint_generation = Some(dev.endpoint_generation());
+                endpoints.clear();
+                endpoints.extend(dev.endpoints().take(sitelink_io::MAX_CONNECTED_PEERS));
+                endpoints_wanted =
+                    endpoints.iter().enumerate().filter(|(i, a)| !endpoints[..*i].contains(a)).count() as u64;
+            }
+        }
+        // When the peers' endpoints change (configuration, handshakes, roaming: rarely), the
+        // backend's connected sockets follow, before this turn's sends.
+        let retry = io.stats().peer_sockets < endpoints_wanted
+            && now.duration_since(last_connect) >= PEER_SOCKET_RETRY;
+        if endpoints_moved || retry {
+            last_connect = now;
+            match io.connect_peers(&endpoints) {
+                Err(e) if endpoints_moved => errors.report("connecting a peer's socket", &e),
+                Err(e) => tracing::debug!(error = %e, "connecting a peer's socket failed again"),
+                Ok(()) => {}
+            }
         }
         // The seals, without the engine.
         batch.run(&mut out);
