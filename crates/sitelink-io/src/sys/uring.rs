@@ -243,6 +243,8 @@ pub struct UringIo {
     closing: Vec<PeerSocket>,
     /// Peer sockets (ids) whose sends failed because the socket went stale.
     stale: Vec<u32>,
+    /// The waker fired since the last `wait` returned.
+    woken: bool,
 }
 
 // SAFETY: the raw pointers inside (buffer ring, msghdrs, iovecs) point into memory this value
@@ -321,6 +323,7 @@ impl UringIo {
             peers: PeerSockets::new(),
             closing: Vec::new(),
             stale: Vec::with_capacity(crate::MAX_CONNECTED_PEERS),
+            woken: false,
         };
         for i in 0..batch {
             let mut slot = SendSlot {
@@ -534,6 +537,7 @@ impl UringIo {
                         self.wake_armed = false;
                     }
                     self.waker.drain();
+                    self.woken = true;
                 }
                 _ => {}
             }
@@ -577,22 +581,30 @@ impl PacketIo for UringIo {
             self.reap();
             return Ok(());
         }
-        let result = match timeout {
-            Some(d) => {
-                let ts = Timespec::from(d);
-                let args = SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
+        let deadline = timeout.map(|d| std::time::Instant::now() + d);
+        loop {
+            let result = match deadline {
+                Some(at) => {
+                    let ts = Timespec::from(at.saturating_duration_since(std::time::Instant::now()));
+                    let args = SubmitArgs::new().timespec(&ts);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.ring.submit_and_wait(1),
+            };
+            let again = match result {
+                Ok(_) => true,
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => false,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => false,
+                Err(e) => return Err(e),
+            };
+            self.reap();
+            // Completions of our own sends and writes (the sends submitted by this very call
+            // complete at once) are bookkeeping, not work: sleep on rather than hand the
+            // worker an empty turn.
+            if !again || self.has_work() || deadline.is_some_and(|at| std::time::Instant::now() >= at) {
+                return Ok(());
             }
-            None => self.ring.submit_and_wait(1),
-        };
-        match result {
-            Ok(_) => {}
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
-            Err(e) => return Err(e),
         }
-        self.reap();
-        Ok(())
     }
 
     fn recv_datagrams(&mut self, pool: &mut BufPool, out: &mut Vec<Datagram>) -> io::Result<()> {
@@ -694,6 +706,14 @@ impl PacketIo for UringIo {
             // SAFETY: the buffer is held in `tun_writes[slot]` until the write completes.
             unsafe { self.push(&entry)? };
         }
+        if !self.ring.submission().is_empty() {
+            // The packets go to the TUN side now, not at the end of the turn: whoever waits
+            // for them (a ping) gets them a turn's work sooner, and what the kernel answers at
+            // once (the ping's reply, on the far side) has been read by the time this returns
+            // (the multishot read runs as the enter returns), so the same turn sends it.
+            self.ring.submit()?;
+            self.reap();
+        }
         Ok(())
     }
 
@@ -760,6 +780,20 @@ impl PacketIo for UringIo {
 }
 
 impl UringIo {
+    /// Whether the worker has something to do: input ready, a wake-up, an error to report, or
+    /// a request to re-arm or a socket to retire (both done in its turn).
+    fn has_work(&mut self) -> bool {
+        !self.ready_packets.is_empty()
+            || !self.ready_datagrams.is_empty()
+            || std::mem::take(&mut self.woken)
+            || self.tun_read_error.is_some()
+            || !self.stale.is_empty()
+            || !self.recv_armed
+            || !self.wake_armed
+            || !self.tun_read_armed
+            || self.peers.list.iter().any(|p| !p.flag)
+    }
+
     /// Takes peer socket `i` off the list: closed now if nothing is in flight on it, else
     /// once its receive, cancelled here, has ended.
     fn retire(&mut self, i: usize) -> io::Result<()> {
