@@ -332,9 +332,7 @@ impl PacketIo for MmsgIo {
         // ones were sent to the old port, which the link has left.)
         let (addrs, n) = self.peers.addrs();
         self.peers.update(&self.udp, [], true, drop)?;
-        let result = self.peers.update(&self.udp, addrs[..n].iter().flatten().copied(), true, drop);
-        self.stats.peer_sockets = self.peers.list.len() as u64;
-        result
+        self.connect_peers(&addrs[..n])
     }
 
     fn connect_peers(&mut self, peers: &[SocketAddr]) -> io::Result<()> {

@@ -67,12 +67,10 @@ impl PeerSockets {
         self.list.iter().position(|p| p.addr == *addr)
     }
 
-    /// The addresses connected now.
-    pub(crate) fn addrs(&self) -> ([Option<SocketAddr>; MAX_CONNECTED_PEERS], usize) {
-        let mut out = [None; MAX_CONNECTED_PEERS];
-        for (o, p) in out.iter_mut().zip(&self.list) {
-            *o = Some(p.addr);
-        }
+    /// The addresses connected now: the first `n` of the array.
+    pub(crate) fn addrs(&self) -> ([SocketAddr; MAX_CONNECTED_PEERS], usize) {
+        let unused = SocketAddr::from(([0, 0, 0, 0], 0));
+        let out = std::array::from_fn(|i| self.list.get(i).map_or(unused, |p| p.addr));
         (out, self.list.len())
     }
 

@@ -363,8 +363,9 @@ impl UringIo {
     fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
         while let Some(id) = self.stale.pop() {
             if let Some(i) = self.peers.list.iter().position(|p| p.id == id) {
-                self.retire(i)?;
-                self.stats.peer_sockets = self.peers.list.len() as u64;
+                let p = self.peers.list.swap_remove(i);
+                self.closing.push(p);
+                self.close_from(self.closing.len() - 1)?;
                 self.stats.peer_sockets_stale += 1;
             }
         }
@@ -726,9 +727,7 @@ impl PacketIo for UringIo {
             self.reap();
         }
         if self.recv_armed {
-            let entry = opcode::AsyncCancel::new(ud(UDP_RECV, 0)).build().user_data(ud(CANCEL, 0));
-            // SAFETY: a cancel request carries no buffers.
-            unsafe { self.push(&entry)? };
+            self.cancel_recv(0)?;
             // Wait for the multishot receive to end before its socket goes.
             while self.recv_armed {
                 self.ring.submit_and_wait(1)?;
@@ -738,26 +737,13 @@ impl PacketIo for UringIo {
         self.ring.submitter().register_files_update(FILE_UDP, &[udp.as_fd().as_raw_fd()])?;
         self.gso = udp.supports_gso();
         self.udp = udp;
-        let addrs: [SocketAddr; crate::MAX_CONNECTED_PEERS] =
-            std::array::from_fn(|i| addrs[i].unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))));
         self.connect_peers(&addrs[..n])
     }
 
     fn connect_peers(&mut self, peers: &[SocketAddr]) -> io::Result<()> {
-        // Requests already queued go in first, so that each takes its file while it is open.
-        // (A ring not yet enabled has had nothing queued.)
-        if self.enabled {
-            self.ring.submit()?;
-        }
-        let mut gone = std::mem::take(&mut self.closing);
-        let result = self.peers.update(&self.udp, peers.iter().copied(), false, |p| gone.push(p));
-        for p in gone.iter().filter(|p| p.flag) {
-            Self::cancel_recv(&mut self.ring, p.id)?;
-        }
-        // A socket whose receive was never armed has nothing in flight: it closes now.
-        gone.retain(|p| p.flag);
-        self.closing = gone;
-        self.stats.peer_sockets = self.peers.list.len() as u64;
+        let start = self.closing.len();
+        let result = self.peers.update(&self.udp, peers.iter().copied(), false, |p| self.closing.push(p));
+        self.close_from(start)?;
         result
     }
 
@@ -794,30 +780,32 @@ impl UringIo {
             || self.peers.list.iter().any(|p| !p.flag)
     }
 
-    /// Takes peer socket `i` off the list: closed now if nothing is in flight on it, else
-    /// once its receive, cancelled here, has ended.
-    fn retire(&mut self, i: usize) -> io::Result<()> {
-        let p = self.peers.list.swap_remove(i);
-        if p.flag {
-            Self::cancel_recv(&mut self.ring, p.id)?;
-            self.closing.push(p);
-        } else if self.enabled {
-            // Sends queued on it take their file before it closes.
+    /// Closes the peer sockets `closing[start..]`, just taken off the list. One whose receive
+    /// is armed stays there until that receive, cancelled here, has ended; the others close
+    /// now, once the requests already queued (sends may name them) have gone in.
+    fn close_from(&mut self, start: usize) -> io::Result<()> {
+        if self.enabled && self.closing[start..].iter().any(|p| !p.flag) {
             self.ring.submit()?;
         }
+        let mut i = start;
+        while i < self.closing.len() {
+            if self.closing[i].flag {
+                self.cancel_recv(self.closing[i].id)?;
+                i += 1;
+            } else {
+                drop(self.closing.swap_remove(i));
+            }
+        }
+        self.stats.peer_sockets = self.peers.list.len() as u64;
         Ok(())
     }
 
-    /// Queues the cancellation of peer socket `id`'s multishot receive.
-    fn cancel_recv(ring: &mut IoUring, id: u32) -> io::Result<()> {
+    /// Queues the cancellation of the multishot receive of peer socket `id` (0: the shared
+    /// socket).
+    fn cancel_recv(&mut self, id: u32) -> io::Result<()> {
         let entry = opcode::AsyncCancel::new(ud(UDP_RECV, id as usize)).build().user_data(ud(CANCEL, 0));
-        loop {
-            // SAFETY: a cancel request carries no buffers.
-            if unsafe { ring.submission().push(&entry) }.is_ok() {
-                return Ok(());
-            }
-            ring.submit()?;
-        }
+        // SAFETY: a cancel request carries no buffers.
+        unsafe { self.push(&entry) }
     }
 
     /// Requests still in flight.
