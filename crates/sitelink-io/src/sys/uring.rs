@@ -245,6 +245,10 @@ pub struct UringIo {
     stale: Vec<u32>,
     /// The waker fired since the last `wait` returned.
     woken: bool,
+    /// Queued sends, whose completions are posted as they are submitted: the wait that
+    /// submits them asks for that many completions more, so that their bookkeeping does not
+    /// end it.
+    queued_inline: usize,
 }
 
 // SAFETY: the raw pointers inside (buffer ring, msghdrs, iovecs) point into memory this value
@@ -270,16 +274,26 @@ impl UringIo {
         super::set_nonblocking(packets.as_fd(), true)?;
         let entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u32;
         // The ring is built disabled and enabled by the first `wait`, on the worker thread
-        // that drives it from then on: that lets it be single-issuer with cooperative task
-        // running (completions are not forced on the worker by interrupts). Kernels without
-        // those flags get a plain ring. (DEFER_TASKRUN was tried too: the multishot receive
-        // then stalled in the backend test suite, so it stays off until that is understood.)
+        // that drives it from then on: that lets it be single-issuer with deferred task
+        // running (the kernel finishes a read whose data arrived, such as a multishot
+        // receive's next datagram, only when this thread enters with GETEVENTS, which every
+        // enter here does: see `submit`; nothing interrupts the worker for it). Kernels
+        // before 6.1 get cooperative task running, older ones a plain ring.
         let ring: IoUring = IoUring::builder()
             .setup_cqsize(entries * 4)
             .setup_r_disabled()
             .setup_single_issuer()
-            .setup_coop_taskrun()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag()
             .build(entries)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(entries * 4)
+                    .setup_r_disabled()
+                    .setup_single_issuer()
+                    .setup_coop_taskrun()
+                    .build(entries)
+            })
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).setup_r_disabled().build(entries))?;
         ring.submitter().register_files(&[packets.as_fd().as_raw_fd(), udp.as_fd().as_raw_fd()])?;
         let ring_entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u16;
@@ -324,6 +338,7 @@ impl UringIo {
             closing: Vec::new(),
             stale: Vec::with_capacity(crate::MAX_CONNECTED_PEERS),
             woken: false,
+            queued_inline: 0,
         };
         for i in 0..batch {
             let mut slot = SendSlot {
@@ -354,7 +369,25 @@ impl UringIo {
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
                 return Ok(());
             }
-            self.ring.submit()?;
+            self.submit(0)?;
+        }
+    }
+
+    /// Submits the queued requests, runs the completion work the kernel has deferred to this
+    /// thread (a ring with `DEFER_TASKRUN` runs it only when asked: this is what posts
+    /// the completions of reads whose data has arrived), and waits for `want` completions.
+    fn submit(&mut self, want: usize) -> io::Result<usize> {
+        let queued = self.ring.submission().len();
+        self.queued_inline = 0;
+        // SAFETY: no argument is passed; every queued entry's memory is held by `self` as the
+        // contract of `push` requires.
+        unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                queued as u32,
+                want as u32,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
         }
     }
 
@@ -554,7 +587,7 @@ impl UringIo {
     /// Waits for send slots to come back when all are in flight.
     fn wait_for_send_slot(&mut self) -> io::Result<()> {
         while self.sends_free.is_empty() {
-            self.ring.submit_and_wait(1)?;
+            self.submit(1)?;
             self.reap();
         }
         Ok(())
@@ -578,19 +611,25 @@ impl PacketIo for UringIo {
             || !self.tun_read_armed
             || self.peers.list.iter().any(|p| !p.flag);
         if unarmed || !self.ready_packets.is_empty() || !self.ready_datagrams.is_empty() {
-            self.ring.submit()?;
+            self.submit(0)?;
             self.reap();
             return Ok(());
         }
         let deadline = timeout.map(|d| std::time::Instant::now() + d);
         loop {
+            // One completion beyond those of the sends this call submits (each posted as it is
+            // submitted, unless the socket's send buffer is full; then the wait also lasts
+            // until that send goes, which the buffer draining bounds): sleep until something
+            // arrives, in this one call, instead of returning for the sends' bookkeeping and
+            // entering again.
+            let want = 1 + std::mem::take(&mut self.queued_inline);
             let result = match deadline {
                 Some(at) => {
                     let ts = Timespec::from(at.saturating_duration_since(std::time::Instant::now()));
                     let args = SubmitArgs::new().timespec(&ts);
-                    self.ring.submitter().submit_with_args(1, &args)
+                    self.ring.submitter().submit_with_args(want, &args)
                 }
-                None => self.ring.submit_and_wait(1),
+                None => self.submit(want),
             };
             let again = match result {
                 Ok(_) => true,
@@ -685,6 +724,9 @@ impl PacketIo for UringIo {
                 // SAFETY: the slot is boxed and owns the msghdr, iovecs, address, control space
                 // and the buffers the iovecs point at until the completion returns it.
                 unsafe { self.push(&entry)? };
+                // (Counted after the push: a push that flushes a full queue submits, and
+                // forgets, what was counted before.)
+                self.queued_inline += 1;
             }
         }
         Ok(())
@@ -694,7 +736,7 @@ impl PacketIo for UringIo {
         self.recycle_done(pool);
         for buf in packets.drain(..) {
             while self.tun_writes_free.is_empty() {
-                self.ring.submit_and_wait(1)?;
+                self.submit(1)?;
                 self.reap();
                 self.recycle_done(pool);
             }
@@ -711,8 +753,8 @@ impl PacketIo for UringIo {
             // The packets go to the TUN side now, not at the end of the turn: whoever waits
             // for them (a ping) gets them a turn's work sooner, and what the kernel answers at
             // once (the ping's reply, on the far side) has been read by the time this returns
-            // (the multishot read runs as the enter returns), so the same turn sends it.
-            self.ring.submit()?;
+            // (the enter runs the multishot read's deferred work), so the same turn sends it.
+            self.submit(0)?;
             self.reap();
         }
         Ok(())
@@ -723,14 +765,14 @@ impl PacketIo for UringIo {
         let (addrs, n) = self.peers.addrs();
         self.connect_peers(&[])?;
         while !self.closing.is_empty() {
-            self.ring.submit_and_wait(1)?;
+            self.submit(1)?;
             self.reap();
         }
         if self.recv_armed {
             self.cancel_recv(0)?;
             // Wait for the multishot receive to end before its socket goes.
             while self.recv_armed {
-                self.ring.submit_and_wait(1)?;
+                self.submit(1)?;
                 self.reap();
             }
         }
@@ -785,7 +827,7 @@ impl UringIo {
     /// now, once the requests already queued (sends may name them) have gone in.
     fn close_from(&mut self, start: usize) -> io::Result<()> {
         if self.enabled && self.closing[start..].iter().any(|p| !p.flag) {
-            self.ring.submit()?;
+            self.submit(0)?;
         }
         let mut i = start;
         while i < self.closing.len() {
