@@ -27,7 +27,7 @@ use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
 pub use mmsg::MmsgIo;
 pub use peers::MAX_CONNECTED_PEERS;
-pub use sys::uring::UringIo;
+pub use sys::uring::{DEFAULT_IDLE_AFTER, UringIo};
 
 /// Helpers for tests of the crates above, which may not hold `unsafe` themselves.
 pub mod testing {
@@ -416,6 +416,8 @@ pub struct IoStats {
     /// Peer sockets closed because a send on them failed in a way that the socket itself
     /// causes (its source address left the host); the shared socket serves those peers.
     pub peer_sockets_stale: u64,
+    /// Times the io_uring backend changed to readiness mode after the link went quiet.
+    pub idle_entries: u64,
 }
 
 impl IoStats {
@@ -434,6 +436,7 @@ impl IoStats {
             send_calls,
             peer_sockets,
             peer_sockets_stale,
+            idle_entries,
         } = other;
         self.udp_rx += udp_rx;
         self.udp_tx += udp_tx;
@@ -447,6 +450,7 @@ impl IoStats {
         self.send_calls += send_calls;
         self.peer_sockets += peer_sockets;
         self.peer_sockets_stale += peer_sockets_stale;
+        self.idle_entries += idle_entries;
     }
 }
 

@@ -52,11 +52,7 @@ pub struct MmsgIo {
     packets: PacketFd,
     udp: UdpSocket,
     batch: usize,
-    msgs: MsgBatch,
-    rx_bufs: Vec<PacketBuf>,
-    rx_addrs: Vec<Option<SocketAddr>>,
-    rx_truncated: Vec<bool>,
-    groups: Vec<SendGroup>,
+    calls: MmsgCalls,
     gso: bool,
     more_udp: bool,
     more_packets: bool,
@@ -84,11 +80,7 @@ impl MmsgIo {
             packets,
             udp,
             batch,
-            msgs: MsgBatch::new(batch),
-            rx_bufs: Vec::with_capacity(batch),
-            rx_addrs: vec![None; batch],
-            rx_truncated: vec![false; batch],
-            groups: Vec::with_capacity(batch),
+            calls: MmsgCalls::new(batch),
             gso,
             more_udp: true,
             more_packets: true,
@@ -111,44 +103,154 @@ impl MmsgIo {
         pool: &mut BufPool,
         out: &mut Vec<Datagram>,
     ) -> (bool, io::Result<()>) {
-        while self.rx_bufs.len() < self.batch {
-            self.rx_bufs.push(pool.get());
-        }
         let sock = match peer {
             None => &self.udp,
             Some(i) => &self.peers.list[i].sock,
         };
-        let got =
-            match self.msgs.recv(sock.as_fd(), &mut self.rx_bufs, &mut self.rx_addrs, &mut self.rx_truncated)
-            {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                    return (false, Ok(()));
-                }
-                Err(e) => {
-                    // Pending ICMP errors (port unreachable from an old send) surface here; they
-                    // are counted and the socket stays usable.
-                    self.stats.udp_recv_errors += 1;
-                    return (
-                        true,
-                        if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) },
-                    );
-                }
-            };
+        self.calls.recv(sock.as_fd(), pool, out, &mut self.stats)
+    }
+}
+
+/// One `recvmmsg` or `sendmmsg` call's worth of headers, buffers and results, reused call
+/// after call.
+pub(crate) struct MmsgCalls {
+    msgs: MsgBatch,
+    groups: Vec<SendGroup>,
+    bufs: Vec<PacketBuf>,
+    addrs: Vec<Option<SocketAddr>>,
+    truncated: Vec<bool>,
+    batch: usize,
+}
+
+impl MmsgCalls {
+    pub(crate) fn new(batch: usize) -> MmsgCalls {
+        MmsgCalls {
+            msgs: MsgBatch::new(batch),
+            groups: Vec::with_capacity(batch),
+            bufs: Vec::with_capacity(batch),
+            addrs: vec![None; batch],
+            truncated: vec![false; batch],
+            batch,
+        }
+    }
+
+    /// One `recvmmsg` on `sock` into pooled buffers, appending what arrived whole to `out`:
+    /// returns whether more may be waiting (the batch filled, or an error left data behind),
+    /// and the error to report.
+    pub(crate) fn recv(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+        stats: &mut IoStats,
+    ) -> (bool, io::Result<()>) {
+        while self.bufs.len() < self.batch {
+            self.bufs.push(pool.get());
+        }
+        let got = match self.msgs.recv(sock, &mut self.bufs, &mut self.addrs, &mut self.truncated) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                return (false, Ok(()));
+            }
+            Err(e) => {
+                // Pending ICMP errors (port unreachable from an old send) surface here; they
+                // are counted and the socket stays usable.
+                stats.udp_recv_errors += 1;
+                return (true, if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) });
+            }
+        };
         for i in 0..got {
-            let buf = std::mem::replace(&mut self.rx_bufs[i], pool.get());
-            match (self.rx_addrs[i], self.rx_truncated[i]) {
+            let buf = std::mem::replace(&mut self.bufs[i], pool.get());
+            match (self.addrs[i], self.truncated[i]) {
                 (Some(addr), false) => {
-                    self.stats.udp_rx += 1;
+                    stats.udp_rx += 1;
                     out.push(Datagram { addr, buf });
                 }
                 _ => {
-                    self.stats.udp_truncated += 1;
+                    stats.udp_truncated += 1;
                     pool.put(buf);
                 }
             }
         }
         (got == self.batch, Ok(()))
+    }
+
+    /// Sends `dgrams` (drained, their buffers back to `pool`): runs of equal datagrams to one
+    /// address as one GSO message when `gso`, each peer's through its connected socket in
+    /// `peers`, the others through `udp`. A failed message's datagrams are counted and the
+    /// rest go on; a peer socket that went stale is dropped from `peers`; a device that
+    /// cannot segment turns `gso` off.
+    pub(crate) fn send(
+        &mut self,
+        udp: &UdpSocket,
+        peers: &mut PeerSockets,
+        gso: &mut bool,
+        stats: &mut IoStats,
+        dgrams: &mut Vec<Datagram>,
+        pool: &mut BufPool,
+    ) {
+        while !dgrams.is_empty() {
+            let take = dgrams.len().min(self.batch);
+            let chunk = &dgrams[..take];
+            group_for_gso(chunk, *gso, &mut self.groups);
+            let mut g = 0;
+            while g < self.groups.len() {
+                // A run of groups for one socket: a peer's connected one, or the shared one.
+                let target = peers.find(&chunk[self.groups[g].start].addr);
+                let mut run_end = g + 1;
+                while run_end < self.groups.len()
+                    && peers.find(&chunk[self.groups[run_end].start].addr) == target
+                {
+                    run_end += 1;
+                }
+                let (sock, addressed) = match target {
+                    Some(i) => (&peers.list[i].sock, false),
+                    None => (udp, true),
+                };
+                stats.send_calls += 1;
+                match self.msgs.send(sock.as_fd(), sock.is_ipv6(), addressed, chunk, &self.groups[g..run_end])
+                {
+                    Ok(n) => {
+                        for grp in &self.groups[g..g + n] {
+                            stats.udp_tx += (grp.end - grp.start) as u64;
+                        }
+                        g += n.max(1);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EIO) && self.groups[g].segment != 0 => {
+                        // The device cannot segment: send without GSO from here on.
+                        tracing::warn!("UDP GSO refused by the kernel (EIO); sending datagrams one by one");
+                        *gso = false;
+                        let base = self.groups[g].start;
+                        group_for_gso(&chunk[base..], false, &mut self.groups);
+                        for grp in &mut self.groups {
+                            grp.start += base;
+                            grp.end += base;
+                        }
+                        g = 0;
+                    }
+                    Err(e) => {
+                        // This message failed (unreachable, no route, a pending ICMP error):
+                        // count its datagrams and go on with the rest.
+                        let grp = self.groups[g];
+                        stats.udp_send_errors += (grp.end - grp.start) as u64;
+                        g += 1;
+                        if let Some(i) = target
+                            && e.raw_os_error().is_some_and(peers::is_stale)
+                        {
+                            // The peer's socket lost its source address: the shared socket
+                            // serves the peer from here on.
+                            drop(peers.list.swap_remove(i));
+                            stats.peer_sockets = peers.list.len() as u64;
+                            stats.peer_sockets_stale += 1;
+                        }
+                    }
+                }
+            }
+            for d in dgrams.drain(..take) {
+                pool.put(d.buf);
+            }
+        }
     }
 }
 
@@ -188,6 +290,48 @@ pub(crate) fn read_packet_batch(
     Ok(true)
 }
 
+/// The descriptors [`poll_link`] watches before the peers' sockets: the shared socket, the
+/// packet side, the waker.
+pub(crate) const POLL_OWN: usize = 3;
+
+/// Sleeps in `poll` until the shared socket, the packet side, the waker or a peer's socket is
+/// readable or `timeout` passes; returns which were, in that order.
+pub(crate) fn poll_link(
+    udp: &UdpSocket,
+    packets: &PacketFd,
+    waker: &Waker,
+    peers: &PeerSockets,
+    timeout: Option<Duration>,
+) -> io::Result<[bool; POLL_OWN + MAX_CONNECTED_PEERS]> {
+    let n = POLL_OWN + peers.list.len();
+    let mut ready = [false; POLL_OWN + MAX_CONNECTED_PEERS];
+    let fds: [BorrowedFd<'_>; POLL_OWN + MAX_CONNECTED_PEERS] = std::array::from_fn(|i| match i {
+        0 => udp.as_fd(),
+        1 => packets.as_fd(),
+        2 => waker.0.as_fd(),
+        i => peers.list.get(i - POLL_OWN).map_or(udp.as_fd(), |p| p.sock.as_fd()),
+    });
+    sys::poll(&fds[..n], &mut ready[..n], timeout)?;
+    Ok(ready)
+}
+
+/// Writes `packets` (drained, their buffers back to `pool`) to a packet descriptor, one
+/// `write` each; a refused packet is counted and the rest go on.
+pub(crate) fn write_packet_batch(
+    fd: &PacketFd,
+    packets: &mut Vec<PacketBuf>,
+    pool: &mut BufPool,
+    stats: &mut IoStats,
+) {
+    for buf in packets.drain(..) {
+        match sys::write(fd.as_fd(), buf.data()) {
+            Ok(_) => stats.tun_tx += 1,
+            Err(_) => stats.tun_write_errors += 1,
+        }
+        pool.put(buf);
+    }
+}
+
 impl PacketIo for MmsgIo {
     fn kind(&self) -> BackendKind {
         BackendKind::Mmsg
@@ -198,22 +342,14 @@ impl PacketIo for MmsgIo {
         let more_peer = self.peers.list.iter().any(|p| p.flag);
         let timeout =
             if self.more_udp || self.more_packets || more_peer { Some(Duration::ZERO) } else { timeout };
-        const OWN: usize = 3;
-        let n = OWN + self.peers.list.len();
-        let mut ready = [false; OWN + MAX_CONNECTED_PEERS];
-        let fds: [BorrowedFd<'_>; OWN + MAX_CONNECTED_PEERS] = std::array::from_fn(|i| match i {
-            0 => self.udp.as_fd(),
-            1 => self.packets.as_fd(),
-            2 => self.waker.0.as_fd(),
-            i => self.peers.list.get(i - OWN).map_or(self.udp.as_fd(), |p| p.sock.as_fd()),
-        });
-        sys::poll(&fds[..n], &mut ready[..n], timeout)?;
+        let ready = poll_link(&self.udp, &self.packets, &self.waker, &self.peers, timeout)?;
+        let n = POLL_OWN + self.peers.list.len();
         self.more_udp |= ready[0];
         self.more_packets |= ready[1];
         if ready[2] {
             self.waker.drain();
         }
-        for (p, r) in self.peers.list.iter_mut().zip(&ready[OWN..n]) {
+        for (p, r) in self.peers.list.iter_mut().zip(&ready[POLL_OWN..n]) {
             p.flag |= *r;
         }
         Ok(())
@@ -248,79 +384,12 @@ impl PacketIo for MmsgIo {
     }
 
     fn send_datagrams(&mut self, dgrams: &mut Vec<Datagram>, pool: &mut BufPool) -> io::Result<()> {
-        while !dgrams.is_empty() {
-            let take = dgrams.len().min(self.batch);
-            let chunk = &dgrams[..take];
-            group_for_gso(chunk, self.gso, &mut self.groups);
-            let mut g = 0;
-            while g < self.groups.len() {
-                // A run of groups for one socket: a peer's connected one, or the shared one.
-                let target = self.peers.find(&chunk[self.groups[g].start].addr);
-                let mut run_end = g + 1;
-                while run_end < self.groups.len()
-                    && self.peers.find(&chunk[self.groups[run_end].start].addr) == target
-                {
-                    run_end += 1;
-                }
-                let (sock, addressed) = match target {
-                    Some(i) => (&self.peers.list[i].sock, false),
-                    None => (&self.udp, true),
-                };
-                self.stats.send_calls += 1;
-                match self.msgs.send(sock.as_fd(), sock.is_ipv6(), addressed, chunk, &self.groups[g..run_end])
-                {
-                    Ok(n) => {
-                        for grp in &self.groups[g..g + n] {
-                            self.stats.udp_tx += (grp.end - grp.start) as u64;
-                        }
-                        g += n.max(1);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EIO) && self.groups[g].segment != 0 => {
-                        // The device cannot segment: send without GSO from here on.
-                        tracing::warn!("UDP GSO refused by the kernel (EIO); sending datagrams one by one");
-                        self.gso = false;
-                        let base = self.groups[g].start;
-                        group_for_gso(&chunk[base..], false, &mut self.groups);
-                        for grp in &mut self.groups {
-                            grp.start += base;
-                            grp.end += base;
-                        }
-                        g = 0;
-                    }
-                    Err(e) => {
-                        // This message failed (unreachable, no route, a pending ICMP error):
-                        // count its datagrams and go on with the rest.
-                        let grp = self.groups[g];
-                        self.stats.udp_send_errors += (grp.end - grp.start) as u64;
-                        g += 1;
-                        if let Some(i) = target
-                            && e.raw_os_error().is_some_and(peers::is_stale)
-                        {
-                            // The peer's socket lost its source address: the shared socket
-                            // serves the peer from here on.
-                            drop(self.peers.list.swap_remove(i));
-                            self.stats.peer_sockets = self.peers.list.len() as u64;
-                            self.stats.peer_sockets_stale += 1;
-                        }
-                    }
-                }
-            }
-            for d in dgrams.drain(..take) {
-                pool.put(d.buf);
-            }
-        }
+        self.calls.send(&self.udp, &mut self.peers, &mut self.gso, &mut self.stats, dgrams, pool);
         Ok(())
     }
 
     fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
-        for buf in packets.drain(..) {
-            match sys::write(self.packets.as_fd(), buf.data()) {
-                Ok(_) => self.stats.tun_tx += 1,
-                Err(_) => self.stats.tun_write_errors += 1,
-            }
-            pool.put(buf);
-        }
+        write_packet_batch(&self.packets, packets, pool, &mut self.stats);
         Ok(())
     }
 

@@ -1,12 +1,22 @@
-//! One test suite, run against both backends: datagrams in and out (with GSO runs), packets in
-//! and out, the waker, truncation, and replacing the socket. Loopback and a packet pipe only:
-//! no root needed.
+//! One test suite, run against both backends (and the io_uring one again held in its readiness
+//! mode): datagrams in and out (with GSO runs), packets in and out, the waker, truncation,
+//! replacing the socket, peer sockets, a flood. Then the io_uring backend's changes between
+//! its modes. Loopback and a packet pipe only: no root needed.
 
 use std::net::{SocketAddr, UdpSocket as StdUdp};
 use std::time::{Duration, Instant};
 
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
-use sitelink_io::{BackendKind, PacketIo, PacketPipe, UdpConfig, UdpSocket, open_backend};
+use sitelink_io::{BackendKind, PacketIo, PacketPipe, UdpConfig, UdpSocket, UringIo, open_backend};
+
+/// What the suite runs against.
+#[derive(Clone, Copy, Debug)]
+enum Flavor {
+    Uring,
+    /// The io_uring backend changing to readiness mode whenever it would sleep.
+    UringIdle,
+    Mmsg,
+}
 
 fn loopback() -> UdpConfig {
     UdpConfig { loopback_only: true, ..UdpConfig::default() }
@@ -19,14 +29,31 @@ struct Rig {
     peer: StdUdp,
 }
 
-fn rig(kind: BackendKind) -> Option<Rig> {
-    rig_with(kind, loopback())
+fn rig(flavor: Flavor) -> Option<Rig> {
+    rig_with(flavor, loopback())
 }
 
-fn rig_with(kind: BackendKind, config: UdpConfig) -> Option<Rig> {
+fn rig_with(flavor: Flavor, config: UdpConfig) -> Option<Rig> {
     let (app, fd) = PacketPipe::pair().expect("pipe");
     let udp = UdpSocket::bind(config).expect("bind");
-    let (io, fallback) = open_backend(kind, fd, udp, 64).expect("backend");
+    let kind = match flavor {
+        Flavor::Mmsg => BackendKind::Mmsg,
+        Flavor::Uring | Flavor::UringIdle => BackendKind::Uring,
+    };
+    let (io, fallback) = match flavor {
+        Flavor::UringIdle => match UringIo::new(fd, udp, 64) {
+            Ok(mut io) => {
+                io.set_idle_after(Duration::ZERO);
+                (Box::new(io) as Box<dyn PacketIo>, None)
+            }
+            Err(e) => {
+                assert!(std::env::var("CI").is_err(), "io_uring must work in CI: {e}");
+                eprintln!("*** io_uring not available here ({e}): readiness mode NOT TESTED ***");
+                return None;
+            }
+        },
+        _ => open_backend(kind, fd, udp, 64).expect("backend"),
+    };
     if let Some(why) = fallback {
         assert!(std::env::var("CI").is_err() || kind == BackendKind::Mmsg, "io_uring must work in CI: {why}");
         eprintln!("*** {kind:?} not available here, testing the fallback: {why} ***");
@@ -73,7 +100,7 @@ impl Rig {
     }
 }
 
-fn datagrams_both_ways(kind: BackendKind) {
+fn datagrams_both_ways(kind: Flavor) {
     let Some(mut r) = rig(kind) else { return };
     let to = r.addr();
     for i in 0..100u8 {
@@ -107,7 +134,7 @@ fn datagrams_both_ways(kind: BackendKind) {
     assert!(s.send_calls < 40, "GSO and batching: {} send calls for 40 datagrams", s.send_calls);
 }
 
-fn packets_both_ways(kind: BackendKind) {
+fn packets_both_ways(kind: Flavor) {
     let Some(mut r) = rig(kind) else { return };
     for i in 0..50u8 {
         r.app.send(&[i; 1420]).expect("app sends");
@@ -129,7 +156,7 @@ fn packets_both_ways(kind: BackendKind) {
     }
 }
 
-fn waker_and_truncation(kind: BackendKind) {
+fn waker_and_truncation(kind: Flavor) {
     let Some(mut r) = rig(kind) else { return };
     // Arm, then a wake from another thread ends a long wait early.
     r.flush();
@@ -151,7 +178,7 @@ fn waker_and_truncation(kind: BackendKind) {
     assert_eq!(r.io.stats().udp_truncated, 1, "{:?}", r.io.stats());
 }
 
-fn replace_socket(kind: BackendKind) {
+fn replace_socket(kind: Flavor) {
     let Some(mut r) = rig(kind) else { return };
     r.flush();
     let old = r.addr();
@@ -166,7 +193,7 @@ fn replace_socket(kind: BackendKind) {
 
 /// A sustained flood through receive and write-out keeps the buffers in circulation bounded
 /// (the io_uring backend once let its receive backlog grow without bound under overload).
-fn flood_keeps_buffers_bounded(kind: BackendKind) {
+fn flood_keeps_buffers_bounded(kind: Flavor) {
     let Some(mut r) = rig(kind) else { return };
     let to = r.addr();
     let sender = std::thread::spawn(move || {
@@ -204,6 +231,10 @@ fn flood_keeps_buffers_bounded(kind: BackendKind) {
     assert!(s.udp_rx > 10_000, "the flood arrived: {s:?}");
     assert!(delivered > 0);
     assert!(r.pool.allocated() < 4096, "{} buffers allocated for {} datagrams", r.pool.allocated(), s.udp_rx);
+    if let Flavor::UringIdle = kind {
+        // Full batches brought the ring back, and each wait left it again.
+        assert!(s.idle_entries >= 2, "{s:?}");
+    }
 }
 
 /// Sockets on `port` that the kernel lists as connected to `remote` (from /proc/net/udp).
@@ -224,7 +255,7 @@ fn connected_sockets(port: u16, remote: SocketAddr) -> usize {
 /// Peers with a connected socket: their datagrams still arrive, from the right address,
 /// beside others' on the shared socket; sends to them leave from the link's port; the
 /// sockets follow the peer list and a new port.
-fn peer_sockets(kind: BackendKind) {
+fn peer_sockets(kind: Flavor) {
     let Some(mut r) = rig_with(kind, UdpConfig { reuse_port: true, ..loopback() }) else { return };
     r.flush();
     let peer = r.peer.local_addr().expect("addr");
@@ -290,7 +321,7 @@ fn peer_sockets(kind: BackendKind) {
 
 /// Without `SO_REUSEPORT` on the shared socket no peer socket can join its port: the error is
 /// reported and the shared socket goes on serving the peer.
-fn peer_sockets_need_reuse_port(kind: BackendKind) {
+fn peer_sockets_need_reuse_port(kind: Flavor) {
     let Some(mut r) = rig(kind) else { return };
     let peer = r.peer.local_addr().expect("addr");
     let e = r.io.connect_peers(&[peer]).expect_err("no SO_REUSEPORT");
@@ -298,6 +329,59 @@ fn peer_sockets_need_reuse_port(kind: BackendKind) {
     assert_eq!(r.io.stats().peer_sockets, 0);
     r.peer.send_to(b"still", r.addr()).expect("send");
     assert_eq!(r.recv(1).len(), 1);
+}
+
+/// The io_uring backend with its default quiet time: the link going quiet puts it in
+/// readiness mode, sparse input keeps it there, a burst brings the ring back, and nothing is
+/// lost or reordered on the way.
+#[test]
+fn uring_modes_come_and_go() {
+    let Some(mut r) = rig(Flavor::Uring) else { return };
+    if r.io.kind() != BackendKind::Uring {
+        return;
+    }
+    r.flush();
+    let quiet = sitelink_io::DEFAULT_IDLE_AFTER * 3;
+    std::thread::sleep(quiet);
+    r.io.wait(Some(quiet)).expect("wait");
+    assert_eq!(r.io.stats().idle_entries, 1, "quiet: readiness mode");
+
+    // Sparse input, both ways: served in readiness mode.
+    for i in 0..4u8 {
+        r.peer.send_to(&[i; 30], r.addr()).expect("send");
+        let got = r.recv(1);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].buf.data(), &[i; 30]);
+        r.app.send(&[i; 40]).expect("app send");
+        let got = r.read(1);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].data(), &[i; 40]);
+        let mut out =
+            vec![Datagram { addr: r.peer.local_addr().expect("addr"), buf: PacketBuf::from_slice(&[i; 20]) }];
+        r.io.send_datagrams(&mut out, &mut r.pool).expect("send");
+        let mut buf = [0u8; 100];
+        let (n, _) = r.peer.recv_from(&mut buf).expect("peer receives");
+        assert_eq!(&buf[..n], &[i; 20]);
+        std::thread::sleep(quiet);
+    }
+    assert_eq!(r.io.stats().idle_entries, 1, "sparse input kept it in readiness mode");
+
+    // A burst of several batches: the ring takes over; everything arrives, in order.
+    for i in 0..600u16 {
+        r.peer.send_to(&i.to_be_bytes(), r.addr()).expect("send");
+    }
+    let got = r.recv(600);
+    let seqs: Vec<u16> = got.iter().map(|d| u16::from_be_bytes([d.buf.data()[0], d.buf.data()[1]])).collect();
+    assert_eq!(seqs, (0..600).collect::<Vec<u16>>(), "{:?}", r.io.stats());
+
+    // Quiet again: back to readiness mode, which proves the ring had taken over.
+    std::thread::sleep(quiet);
+    r.io.wait(Some(quiet)).expect("wait");
+    r.io.wait(Some(quiet)).expect("wait");
+    assert_eq!(r.io.stats().idle_entries, 2, "{:?}", r.io.stats());
+    r.peer.send_to(b"after", r.addr()).expect("send");
+    let got = r.recv(1);
+    assert_eq!((got.len(), got[0].buf.data()), (1, &b"after"[..]));
 }
 
 macro_rules! suite {
@@ -321,6 +405,7 @@ macro_rules! suite {
 }
 
 suite! {
-    uring: BackendKind::Uring;
-    mmsg: BackendKind::Mmsg;
+    uring: Flavor::Uring;
+    uring_idle: Flavor::UringIdle;
+    mmsg: Flavor::Mmsg;
 }
