@@ -6,7 +6,7 @@
 //! * [`UdpSocket`]: the dual-stack UDP socket with large buffers and options set up front.
 //! * [`PacketIo`]: batched I/O of both, one trait with two backends: [`BackendKind::Uring`]
 //!   (io_uring: reads, writes and sends submitted in batches, one enter per batch) and
-//!   [`BackendKind::Mmsg`] (`recvmmsg`/`sendmmsg` with UDP GSO, and `poll`).
+//!   [`BackendKind::Mmsg`] (`recvmmsg`/`sendmmsg` with UDP GSO, and `epoll`).
 //!   [`open_backend`] picks io_uring and falls back to `mmsg` when the kernel or a seccomp
 //!   profile refuses it, saying why once.
 //!

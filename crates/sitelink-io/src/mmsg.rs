@@ -1,9 +1,9 @@
-//! The portable backend: `poll`, `recvmmsg`, `sendmmsg` with UDP GSO, and one `read`/`write`
+//! The portable backend: `epoll`, `recvmmsg`, `sendmmsg` with UDP GSO, and one `read`/`write`
 //! per TUN packet.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use sitelink_frame::{BufPool, DEFAULT_TAILROOM, Datagram, PacketBuf};
@@ -47,7 +47,7 @@ pub(crate) fn group_for_gso(dgrams: &[Datagram], gso: bool, groups: &mut Vec<Sen
     }
 }
 
-/// `recvmmsg`/`sendmmsg` and `poll`.
+/// `recvmmsg`/`sendmmsg` and `epoll`.
 pub struct MmsgIo {
     packets: PacketFd,
     udp: UdpSocket,
@@ -60,6 +60,7 @@ pub struct MmsgIo {
     stats: IoStats,
     /// The peers' connected sockets (`flag`: datagrams may be waiting).
     peers: PeerSockets,
+    readiness: Readiness,
 }
 
 impl std::fmt::Debug for MmsgIo {
@@ -87,6 +88,7 @@ impl MmsgIo {
             waker: Waker::new()?,
             stats: IoStats::default(),
             peers: PeerSockets::new(),
+            readiness: Readiness::new(),
         })
     }
 
@@ -290,29 +292,81 @@ pub(crate) fn read_packet_batch(
     Ok(true)
 }
 
-/// The descriptors [`poll_link`] watches before the peers' sockets: the shared socket, the
+/// The descriptors [`Readiness`] watches before the peers' sockets: the shared socket, the
 /// packet side, the waker.
 pub(crate) const POLL_OWN: usize = 3;
 
-/// Sleeps in `poll` until the shared socket, the packet side, the waker or a peer's socket is
-/// readable or `timeout` passes; returns which were, in that order.
-pub(crate) fn poll_link(
-    udp: &UdpSocket,
-    packets: &PacketFd,
-    waker: &Waker,
-    peers: &PeerSockets,
-    timeout: Option<Duration>,
-) -> io::Result<[bool; POLL_OWN + MAX_CONNECTED_PEERS]> {
-    let n = POLL_OWN + peers.list.len();
-    let mut ready = [false; POLL_OWN + MAX_CONNECTED_PEERS];
-    let fds: [BorrowedFd<'_>; POLL_OWN + MAX_CONNECTED_PEERS] = std::array::from_fn(|i| match i {
-        0 => udp.as_fd(),
-        1 => packets.as_fd(),
-        2 => waker.0.as_fd(),
-        i => peers.list.get(i - POLL_OWN).map_or(udp.as_fd(), |p| p.sock.as_fd()),
-    });
-    sys::poll(&fds[..n], &mut ready[..n], timeout)?;
-    Ok(ready)
+/// Which of the link's descriptors are readable: the shared socket, the packet side, the
+/// waker, then the peers' sockets in their list's order.
+pub(crate) type Ready = [bool; POLL_OWN + MAX_CONNECTED_PEERS];
+
+/// Sleeps until one of the link's descriptors is readable: a level-triggered epoll set,
+/// registered once and again only when the descriptors change. (`poll` registers and
+/// unregisters every descriptor on every sleep and asks each for its state on every wake: the
+/// largest share of an idle packet's kernel time.)
+pub(crate) struct Readiness {
+    epoll: Option<OwnedFd>,
+    /// What the set holds: the shared socket's descriptor and the peers' socket ids, in order
+    /// (each registered with its index as data).
+    udp_fd: RawFd,
+    peer_ids: [u32; MAX_CONNECTED_PEERS],
+    peers: usize,
+    events: [libc::epoll_event; POLL_OWN + MAX_CONNECTED_PEERS],
+}
+
+impl Readiness {
+    pub(crate) fn new() -> Readiness {
+        Readiness {
+            epoll: None,
+            udp_fd: -1,
+            peer_ids: [0; MAX_CONNECTED_PEERS],
+            peers: 0,
+            events: [libc::epoll_event { events: 0, u64: 0 }; POLL_OWN + MAX_CONNECTED_PEERS],
+        }
+    }
+
+    /// Builds the set anew at the next wait (the shared socket was replaced: its descriptor
+    /// number may be the old one's).
+    pub(crate) fn reset(&mut self) {
+        self.epoll = None;
+    }
+
+    /// Sleeps until a descriptor is readable or `timeout` passes; returns which are.
+    pub(crate) fn wait(
+        &mut self,
+        udp: &UdpSocket,
+        packets: &PacketFd,
+        waker: &Waker,
+        peers: &PeerSockets,
+        timeout: Option<Duration>,
+    ) -> io::Result<Ready> {
+        let current = udp.as_fd().as_raw_fd() == self.udp_fd
+            && peers.list.len() == self.peers
+            && peers.list.iter().zip(&self.peer_ids).all(|(p, id)| p.id == *id);
+        if self.epoll.is_none() || !current {
+            self.epoll = None;
+            let epoll = sys::epoll_new()?;
+            sys::epoll_add(epoll.as_fd(), udp.as_fd(), 0)?;
+            sys::epoll_add(epoll.as_fd(), packets.as_fd(), 1)?;
+            sys::epoll_add(epoll.as_fd(), waker.0.as_fd(), 2)?;
+            for (i, p) in peers.list.iter().enumerate() {
+                sys::epoll_add(epoll.as_fd(), p.sock.as_fd(), (POLL_OWN + i) as u64)?;
+                self.peer_ids[i] = p.id;
+            }
+            self.udp_fd = udp.as_fd().as_raw_fd();
+            self.peers = peers.list.len();
+            self.epoll = Some(epoll);
+        }
+        let epoll = self.epoll.as_ref().expect("built above");
+        let n = sys::epoll_wait(epoll.as_fd(), &mut self.events, timeout)?;
+        let mut ready = [false; POLL_OWN + MAX_CONNECTED_PEERS];
+        for e in &self.events[..n] {
+            if let Some(r) = ready.get_mut(e.u64 as usize) {
+                *r = true;
+            }
+        }
+        Ok(ready)
+    }
 }
 
 /// Writes `packets` (drained, their buffers back to `pool`) to a packet descriptor, one
@@ -342,7 +396,7 @@ impl PacketIo for MmsgIo {
         let more_peer = self.peers.list.iter().any(|p| p.flag);
         let timeout =
             if self.more_udp || self.more_packets || more_peer { Some(Duration::ZERO) } else { timeout };
-        let ready = poll_link(&self.udp, &self.packets, &self.waker, &self.peers, timeout)?;
+        let ready = self.readiness.wait(&self.udp, &self.packets, &self.waker, &self.peers, timeout)?;
         let n = POLL_OWN + self.peers.list.len();
         self.more_udp |= ready[0];
         self.more_packets |= ready[1];
@@ -396,6 +450,7 @@ impl PacketIo for MmsgIo {
     fn replace_socket(&mut self, udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
         self.gso = udp.supports_gso();
         self.udp = udp;
+        self.readiness.reset();
         self.more_udp = true;
         // The peers' sockets move to the new port too. (Datagrams still queued on the old
         // ones were sent to the old port, which the link has left.)

@@ -196,12 +196,7 @@ pub(crate) fn poll(
         p.fd = fd.as_raw_fd();
         p.events = libc::POLLIN;
     }
-    let ms = match timeout {
-        None => -1,
-        Some(d) => {
-            d.as_millis().saturating_add(u128::from(d.subsec_nanos() % 1_000_000 != 0)).min(60_000) as i32
-        }
-    };
+    let ms = poll_timeout_ms(timeout);
     // SAFETY: `pfds` holds `fds.len()` initialised pollfd structs, valid for the call.
     let r = unsafe { libc::poll(pfds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     match check(r) {
@@ -213,6 +208,52 @@ pub(crate) fn poll(
         *r = p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
     }
     Ok(())
+}
+
+/// A new epoll instance.
+pub(crate) fn epoll_new() -> io::Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes no pointers; the descriptor it returns is ours alone.
+    let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Registers `fd` with `epoll` for readability (level-triggered), reported with `data`.
+pub(crate) fn epoll_add(epoll: BorrowedFd<'_>, fd: BorrowedFd<'_>, data: u64) -> io::Result<()> {
+    let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: data };
+    // SAFETY: both descriptors are borrowed live; `event` is initialised and read during the
+    // call only.
+    check(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut event) })?;
+    Ok(())
+}
+
+/// Waits up to `timeout` (`None`: without limit) for registered descriptors to be ready;
+/// returns how many events it wrote at the front of `events` (0 on a timeout or a signal).
+pub(crate) fn epoll_wait(
+    epoll: BorrowedFd<'_>,
+    events: &mut [libc::epoll_event],
+    timeout: Option<Duration>,
+) -> io::Result<usize> {
+    let ms = poll_timeout_ms(timeout);
+    let max = events.len().min(i32::MAX as usize) as i32;
+    // SAFETY: `events` has room for `max` events, written by the kernel during the call only.
+    let r = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), max, ms) };
+    match check(r) {
+        Ok(n) => Ok(n as usize),
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// A timeout in whole milliseconds for `poll`/`epoll_wait`, rounded up (a wait never ends
+/// early), at most a minute; -1 without one.
+fn poll_timeout_ms(timeout: Option<Duration>) -> i32 {
+    match timeout {
+        None => -1,
+        Some(d) => {
+            d.as_millis().saturating_add(u128::from(d.subsec_nanos() % 1_000_000 != 0)).min(60_000) as i32
+        }
+    }
 }
 
 // ---- Sockets -----------------------------------------------------------------------------

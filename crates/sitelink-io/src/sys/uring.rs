@@ -12,7 +12,7 @@
 //! * Everything queued during a turn goes to the kernel with the next [`wait`]: one
 //!   `io_uring_enter` per turn submits the writes, the sends and the re-armed reads, and waits.
 //! * Readiness mode: once the link has been quiet for a while ([`UringIo::set_idle_after`]),
-//!   the multishot requests are cancelled and the worker sleeps in `poll`, reading and
+//!   the multishot requests are cancelled and the worker sleeps in `epoll_wait`, reading and
 //!   sending with plain `read`/`write` and `recvmmsg`/`sendmmsg` (the `mmsg` backend's
 //!   calls). A packet now and then, after the caches went cold, gets through those faster
 //!   than through the ring: idle ping RTT measured 20-35 µs lower (benches/RESULTS.md). A
@@ -39,7 +39,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue};
 use sitelink_frame::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
 use super::{GSO_CMSG_SPACE, RawAddr, SendGroup, set_gso_segment};
-use crate::mmsg::{MmsgCalls, POLL_OWN, group_for_gso, poll_link, read_packet_batch, write_packet_batch};
+use crate::mmsg::{MmsgCalls, POLL_OWN, Readiness, group_for_gso, read_packet_batch, write_packet_batch};
 use crate::peers::{MAX_CONNECTED_PEERS, PeerSocket, PeerSockets};
 use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
 
@@ -270,11 +270,13 @@ pub struct UringIo {
     /// submits them asks for that many completions more, so that their bookkeeping does not
     /// end it.
     queued_inline: usize,
-    /// Readiness mode: the multishot reads are cancelled and `wait` sleeps in `poll`; input
+    /// Entries pushed to the submission queue since the last submission.
+    queued: bool,
+    /// Readiness mode: the multishot reads are cancelled and `wait` sleeps in `epoll_wait`; input
     /// is read with plain system calls. See [`UringIo::set_idle_after`].
     idle: bool,
     idle_after: Duration,
-    /// In readiness mode, what `poll` found readable and has not been read yet (bits
+    /// In readiness mode, what `epoll_wait` found readable and has not been read yet (bits
     /// `READY_*`).
     idle_ready: u64,
     /// When input last arrived (in readiness mode: when the last wake with input came).
@@ -284,8 +286,9 @@ pub struct UringIo {
     /// Readiness mode's wakes with input in a row that came within `idle_after` of the one
     /// before.
     close_wakes: u32,
-    /// Readiness mode's `recvmmsg` and `sendmmsg` state.
+    /// Readiness mode's `recvmmsg` and `sendmmsg` state, and its epoll set.
     calls: MmsgCalls,
+    readiness: Readiness,
 }
 
 // SAFETY: the raw pointers inside (buffer ring, msghdrs, iovecs) point into memory this value
@@ -376,6 +379,7 @@ impl UringIo {
             stale: Vec::with_capacity(crate::MAX_CONNECTED_PEERS),
             woken: false,
             queued_inline: 0,
+            queued: false,
             idle: false,
             idle_after: DEFAULT_IDLE_AFTER,
             idle_ready: 0,
@@ -383,6 +387,7 @@ impl UringIo {
             input_seen: false,
             close_wakes: 0,
             calls: MmsgCalls::new(batch),
+            readiness: Readiness::new(),
         };
         for i in 0..batch {
             let mut slot = SendSlot {
@@ -404,7 +409,7 @@ impl UringIo {
 
     /// Sets how long the link must be quiet (no datagram received, no packet read) before the
     /// backend changes to readiness mode ([`DEFAULT_IDLE_AFTER`] unless set): the multishot
-    /// requests are cancelled, the worker sleeps in `poll` and reads with `recvmmsg` and
+    /// requests are cancelled, the worker sleeps in `epoll_wait` and reads with `recvmmsg` and
     /// `read`, which wake and run faster than the ring for a packet now and then. Input twice
     /// within this time, or a full batch at once, brings the ring back. `Duration::MAX`: never.
     pub fn set_idle_after(&mut self, quiet: Duration) {
@@ -420,6 +425,7 @@ impl UringIo {
         loop {
             // SAFETY: forwarded from this function's contract.
             if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                self.queued = true;
                 return Ok(());
             }
             self.submit(0)?;
@@ -432,6 +438,7 @@ impl UringIo {
     fn submit(&mut self, want: usize) -> io::Result<usize> {
         let queued = self.ring.submission().len();
         self.queued_inline = 0;
+        self.queued = false;
         // SAFETY: no argument is passed; every queued entry's memory is held by `self` as the
         // contract of `push` requires.
         unsafe {
@@ -447,6 +454,12 @@ impl UringIo {
     /// Lends fresh buffers for every consumed id, and re-arms the multishot receive, the
     /// multishot TUN read and the waker where they ended; closes stale peer sockets.
     fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
+        if self.idle {
+            // Readiness mode: nothing but the waker is armed, nothing consumes the buffer
+            // rings; what is left to do waits for the ring's return (and the turn touches no
+            // more memory than it needs: it runs after a sleep, with cold caches).
+            return self.arm_waker();
+        }
         while let Some(id) = self.stale.pop() {
             if let Some(i) = self.peers.list.iter().position(|p| p.id == id) {
                 let p = self.peers.list.swap_remove(i);
@@ -457,10 +470,6 @@ impl UringIo {
         }
         self.udp_bufs.refill(pool)?;
         self.tun_bufs.refill(pool)?;
-        if self.idle {
-            // Readiness mode: nothing but the waker is armed.
-            return self.arm_waker();
-        }
         if !self.recv_armed {
             let entry = opcode::RecvMsgMulti::new(Fixed(FILE_UDP), &*self.recv_msghdr, BGID_UDP)
                 .build()
@@ -702,6 +711,7 @@ impl PacketIo for UringIo {
             let ts = Timespec::from(until.saturating_duration_since(Instant::now()));
             let args = SubmitArgs::new().timespec(&ts);
             let result = self.ring.submitter().submit_with_args(want, &args);
+            self.queued = false;
             let timed_out = match result {
                 Ok(_) => false,
                 Err(e) if e.raw_os_error() == Some(libc::ETIME) => true,
@@ -906,6 +916,7 @@ impl PacketIo for UringIo {
         }
         self.ring.submitter().register_files_update(FILE_UDP, &[udp.as_fd().as_raw_fd()])?;
         self.idle_ready &= !READY_UDP;
+        self.readiness.reset();
         self.gso = udp.supports_gso();
         self.udp = udp;
         self.connect_peers(&addrs[..n])
@@ -983,19 +994,27 @@ impl UringIo {
         Ok(())
     }
 
-    /// Readiness mode's wait: submits what the turn queued, then sleeps in `poll` on the
+    /// Readiness mode's wait: submits what the turn queued, then sleeps in `epoll_wait` on the
     /// descriptors until one is readable, the waker fires or `timeout` passes. Input arriving
     /// again within `idle_after` of the last brings the ring back.
     fn wait_idle(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        if !self.ring.submission().is_empty() || self.ring.submission().taskrun() {
+        // Only a request left over from the ring (a send that found its socket's buffer full,
+        // a socket being closed) may have completions to run and reap; otherwise the ring's
+        // memory is not touched. (The waker's multishot poll stays armed; its completions run
+        // when the ring is back; the epoll set watches the eventfd itself.)
+        let leftover = self.queued
+            || self.sends_free.len() != self.sends.len()
+            || self.tun_writes_free.len() != self.tun_writes.len()
+            || !self.closing.is_empty();
+        if leftover {
             self.submit(0)?;
+            self.reap();
         }
         self.queued_inline = 0;
-        self.reap();
         if self.has_work() {
             return Ok(());
         }
-        let ready = poll_link(&self.udp, &self._packets, &self.waker, &self.peers, timeout)?;
+        let ready = self.readiness.wait(&self.udp, &self._packets, &self.waker, &self.peers, timeout)?;
         let n = POLL_OWN + self.peers.list.len();
         if ready[2] {
             self.waker.drain();
@@ -1019,7 +1038,7 @@ impl UringIo {
                 self.close_wakes = 0;
             }
             if self.close_wakes >= BUSY_WAKES {
-                // Input wake after wake: the link is busy, the ring takes over. (What `poll`
+                // Input wake after wake: the link is busy, the ring takes over. (What `epoll_wait`
                 // found is still read the plain way first, in this turn.)
                 self.idle = false;
                 self.close_wakes = 0;
