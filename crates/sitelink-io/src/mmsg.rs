@@ -443,6 +443,9 @@ impl PacketIo for MmsgIo {
     }
 
     fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
+        // What the kernel answers at once (a ping's reply, a TCP acknowledgement) is there by
+        // the time the write returns: the same turn's read takes it, without a sleep between.
+        self.more_packets |= !packets.is_empty();
         write_packet_batch(&self.packets, packets, pool, &mut self.stats);
         Ok(())
     }

@@ -869,6 +869,10 @@ impl PacketIo for UringIo {
     fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
         self.recycle_done(pool);
         if self.idle {
+            // As the ring does (below): what the kernel answers at once is read this turn.
+            if !packets.is_empty() {
+                self.idle_ready |= READY_TUN;
+            }
             write_packet_batch(&self._packets, packets, pool, &mut self.stats);
             return Ok(());
         }
