@@ -180,10 +180,10 @@ pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
     let _ = read(fd, &mut b);
 }
 
-/// Which of the descriptors given to [`poll`] are readable.
 /// The most descriptors [`poll`] takes.
 pub(crate) const POLL_MAX: usize = 64;
 
+/// Waits up to `timeout` for any of `fds` to be readable; sets `readable` to which are.
 pub(crate) fn poll(
     fds: &[BorrowedFd<'_>],
     readable: &mut [bool],

@@ -409,9 +409,10 @@ impl UringIo {
 
     /// Sets how long the link must be quiet (no datagram received, no packet read) before the
     /// backend changes to readiness mode ([`DEFAULT_IDLE_AFTER`] unless set): the multishot
-    /// requests are cancelled, the worker sleeps in `epoll_wait` and reads with `recvmmsg` and
-    /// `read`, which wake and run faster than the ring for a packet now and then. Input twice
-    /// within this time, or a full batch at once, brings the ring back. `Duration::MAX`: never.
+    /// requests are cancelled, the worker sleeps in `epoll_wait` and moves packets with
+    /// `read`/`write` and `recvmmsg`/`sendmmsg`, which wake and run faster than the ring for a
+    /// packet now and then. A full batch at once, or eight wakes with input in a row each
+    /// within this time of the last, brings the ring back. `Duration::MAX`: never.
     pub fn set_idle_after(&mut self, quiet: Duration) {
         self.idle_after = quiet;
     }
@@ -999,8 +1000,9 @@ impl UringIo {
     }
 
     /// Readiness mode's wait: submits what the turn queued, then sleeps in `epoll_wait` on the
-    /// descriptors until one is readable, the waker fires or `timeout` passes. Input arriving
-    /// again within `idle_after` of the last brings the ring back.
+    /// descriptors until one is readable, the waker fires or `timeout` passes. Wakes with
+    /// input coming one after another (each within `idle_after` of the last, `BUSY_WAKES` in a
+    /// row) bring the ring back.
     fn wait_idle(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         // Only a request left over from the ring (a send that found its socket's buffer full,
         // a socket being closed) may have completions to run and reap; otherwise the ring's
