@@ -723,9 +723,6 @@ impl PacketIo for UringIo {
                 Err(e) => return Err(e),
             };
             self.reap();
-            if !self.ready_packets.is_empty() || !self.ready_datagrams.is_empty() {
-                return Ok(());
-            }
             // Completions of our own sends and writes (the sends submitted by this very call
             // complete at once) are bookkeeping, not work: sleep on rather than hand the
             // worker an empty turn.
@@ -912,7 +909,7 @@ impl PacketIo for UringIo {
             self.reap();
         }
         if self.recv_armed {
-            self.cancel_recv(0)?;
+            self.cancel(ud(UDP_RECV, 0))?;
             // Wait for the multishot receive to end before its socket goes.
             while self.recv_armed {
                 self.submit(1)?;
@@ -980,16 +977,14 @@ impl UringIo {
         self.idle = true;
         self.stats.idle_entries += 1;
         if self.tun_read_armed {
-            let entry = opcode::AsyncCancel::new(ud(TUN_READ, 0)).build().user_data(ud(CANCEL, 0));
-            // SAFETY: a cancel request carries no buffers.
-            unsafe { self.push(&entry)? };
+            self.cancel(ud(TUN_READ, 0))?;
         }
         if self.recv_armed {
-            self.cancel_recv(0)?;
+            self.cancel(ud(UDP_RECV, 0))?;
         }
         for i in 0..self.peers.list.len() {
             if self.peers.list[i].flag {
-                self.cancel_recv(self.peers.list[i].id)?;
+                self.cancel(ud(UDP_RECV, self.peers.list[i].id as usize))?;
             }
         }
         while self.tun_read_armed || self.recv_armed || self.peers.list.iter().any(|p| p.flag) {
@@ -1084,7 +1079,7 @@ impl UringIo {
         let mut i = start;
         while i < self.closing.len() {
             if self.closing[i].flag {
-                self.cancel_recv(self.closing[i].id)?;
+                self.cancel(ud(UDP_RECV, self.closing[i].id as usize))?;
                 i += 1;
             } else {
                 drop(self.closing.swap_remove(i));
@@ -1094,10 +1089,10 @@ impl UringIo {
         Ok(())
     }
 
-    /// Queues the cancellation of the multishot receive of peer socket `id` (0: the shared
-    /// socket).
-    fn cancel_recv(&mut self, id: u32) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(ud(UDP_RECV, id as usize)).build().user_data(ud(CANCEL, 0));
+    /// Queues the cancellation of the request with user data `target`: the multishot read, or
+    /// the multishot receive of peer socket `id` (`ud(UDP_RECV, id)`, 0: the shared socket).
+    fn cancel(&mut self, target: u64) -> io::Result<()> {
+        let entry = opcode::AsyncCancel::new(target).build().user_data(ud(CANCEL, 0));
         // SAFETY: a cancel request carries no buffers.
         unsafe { self.push(&entry) }
     }
