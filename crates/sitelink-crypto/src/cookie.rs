@@ -90,7 +90,7 @@ impl MacSealer {
             Some((cookie, at))
                 if now.saturating_duration_since(*at) < COOKIE_REFRESH_TIME - COOKIE_LATENCY =>
             {
-                mac(&pad_cookie(cookie), &[&msg[..mac2_offset]])
+                mac(&**cookie, &[&msg[..mac2_offset]])
             }
             _ => [0; 16],
         };
@@ -116,14 +116,6 @@ impl MacSealer {
     pub fn has_fresh_cookie(&self, now: Instant) -> bool {
         matches!(&self.cookie, Some((_, at)) if now.saturating_duration_since(*at) < COOKIE_REFRESH_TIME - COOKIE_LATENCY)
     }
-}
-
-/// A cookie is a 16-byte MAC; as a MAC key it is zero-extended to 32 bytes (keyed BLAKE2s
-/// accepts 1..=32-byte keys, and `MAC` here always takes 32).
-fn pad_cookie(cookie: &[u8; 16]) -> Zeroizing<[u8; 32]> {
-    let mut k = Zeroizing::new([0u8; 32]);
-    k[..16].copy_from_slice(cookie);
-    k
 }
 
 /// Checks incoming handshake messages and makes cookie replies, for one local identity.
@@ -177,7 +169,7 @@ impl MacChecker {
             return MacCheck::Mac1;
         }
         let cookie = self.cookie_for(src);
-        let mac2 = mac(&pad_cookie(&cookie), &[&msg[..mac2_offset]]);
+        let mac2 = mac(&cookie, &[&msg[..mac2_offset]]);
         if bool::from(mac2.ct_eq(mac2_got)) { MacCheck::Mac1AndMac2 } else { MacCheck::Mac1 }
     }
 

@@ -21,9 +21,12 @@ pub fn hash(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// `MAC(key, a || b || ...)`: keyed BLAKE2s with a 16-byte output.
-pub fn mac(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 16] {
-    let mut m = <Blake2sMac<U16> as KeyInit>::new(key.into());
+/// `MAC(key, a || b || ...)`: keyed BLAKE2s with a 16-byte output, the key used at its own
+/// length: 32 bytes for MAC1's key (a HASH), 16 for a cookie (MAC2). Keyed BLAKE2s writes the
+/// key length into its parameter block, so a key padded to another length is another MAC.
+pub fn mac<const N: usize>(key: &[u8; N], parts: &[&[u8]]) -> [u8; 16] {
+    const { assert!(N >= 1 && N <= 32, "keyed BLAKE2s takes 1 to 32 key bytes") };
+    let mut m = <Blake2sMac<U16> as KeyInit>::new_from_slice(key).expect("1 to 32 key bytes, checked above");
     for p in parts {
         Mac::update(&mut m, p);
     }
@@ -120,6 +123,13 @@ mod tests {
         );
         assert_eq!(mac(&key, &[]).to_vec(), unhex("9536f9b267655743dee97b8a670f9f53"));
         assert_eq!(mac(&key, &[&seq(64)]).to_vec(), unhex("f1efa90d2547036841ecd3627fafbc36"));
+        // A 16-byte key (a cookie as MAC2's key): hashlib.blake2s(bytes(range(64)),
+        // key=bytes(range(16)), digest_size=16). Not the same as the key zero-padded to 32.
+        let short: [u8; 16] = seq(16).try_into().unwrap();
+        assert_eq!(mac(&short, &[&seq(64)]).to_vec(), unhex("dd55c51c98f8ab96ed272882941f0b6a"));
+        let mut padded = [0u8; 32];
+        padded[..16].copy_from_slice(&short);
+        assert_ne!(mac(&padded, &[&seq(64)]), mac(&short, &[&seq(64)]));
     }
 
     #[test]
