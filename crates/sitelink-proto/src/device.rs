@@ -720,10 +720,9 @@ impl Device {
             Ok(m) => (m.receiver_index(), m.counter()),
             Err(_) => return self.drop_buf(None, DropReason::Malformed, d.buf),
         };
-        let Some(&pid) = self.by_index.get(&index) else {
+        let Some((pid, peer)) = self.peer_of_index(index) else {
             return self.drop_buf(None, DropReason::UnknownReceiverIndex, d.buf);
         };
-        let peer = self.peer_mut(pid);
         let Some(slot) = peer.slot_of(index) else {
             return self.drop_buf(Some(pid), DropReason::UnknownReceiverIndex, d.buf);
         };
@@ -756,10 +755,10 @@ impl Device {
         }
         // The keypair may have been replaced (or the peer removed) while the message was
         // being opened: its replay window is then gone, so the message cannot be accepted.
-        if self.by_index.get(&job.local_index) != Some(&pid) {
-            return self.drop_buf(None, DropReason::ExpiredKeypair, buf);
-        }
-        let peer = self.peer_mut(pid);
+        let peer = match self.peer_of_index(job.local_index) {
+            Some((owner, peer)) if owner == pid => peer,
+            _ => return self.drop_buf(None, DropReason::ExpiredKeypair, buf),
+        };
         let Some(slot) = peer.slot_of(job.local_index) else {
             return self.drop_buf(Some(pid), DropReason::ExpiredKeypair, buf);
         };
@@ -774,7 +773,7 @@ impl Device {
         self.move_endpoint(pid, job.addr);
         let confirmed = slot == Slot::Next;
         if confirmed {
-            self.confirm_next(pid);
+            self.confirm_next(now, pid);
         }
         self.on_authenticated_received(now, pid);
         self.keep_key_fresh_on_receive(now, pid, out);
@@ -806,7 +805,7 @@ impl Device {
     }
 
     /// The responder's new keypair is confirmed by the first message on it: it becomes current.
-    fn confirm_next(&mut self, pid: PeerId) {
+    fn confirm_next(&mut self, now: Instant, pid: PeerId) {
         let peer = self.peer_mut(pid);
         let old_previous = peer.previous.take();
         peer.previous = peer.current.take();
@@ -814,7 +813,7 @@ impl Device {
         if let Some(kp) = old_previous {
             self.by_index.remove(&kp.local_index);
         }
-        self.handshake_complete(pid);
+        self.handshake_complete(now, pid);
     }
 
     // ---- Handshakes ----------------------------------------------------------------------
@@ -1025,20 +1024,23 @@ impl Device {
         };
         // Only a response to a handshake in progress can cost Diffie-Hellman work, so that
         // cheap lookup comes before the load accounting.
-        let pid = self.by_index.get(&receiver_index).copied().filter(|pid| {
-            self.peers[pid.index()]
-                .as_ref()
-                .and_then(|p| p.pending.as_ref())
-                .is_some_and(|p| p.state.local_index() == receiver_index)
-        });
-        let Some(pid) = pid else {
+        let awaited = self
+            .peer_of_index(receiver_index)
+            .filter(|(_, p)| p.pending.as_ref().is_some_and(|p| p.state.local_index() == receiver_index));
+        let Some((pid, _)) = awaited else {
             return self.drop_buf(None, DropReason::UnexpectedHandshake, d.buf);
         };
         if !self.admit_handshake(now, &d, mac_offsets::RESPONSE_MAC1, sender_index, out) {
             return self.pool.put(d.buf);
         }
-        let peer = self.peers[pid.index()].as_mut().expect("live peer");
-        let pending = peer.pending.as_ref().expect("checked above");
+        // Looked up again (by field, so the identity stays readable): `admit_handshake`
+        // needed the whole device.
+        let Some(peer) = self.peers.get_mut(pid.index()).and_then(Option::as_mut) else {
+            return self.drop_buf(None, DropReason::UnexpectedHandshake, d.buf);
+        };
+        let Some(pending) = peer.pending.as_ref() else {
+            return self.drop_buf(Some(pid), DropReason::UnexpectedHandshake, d.buf);
+        };
         let msg = HandshakeResponse::new_checked(d.buf.data()).expect("checked above");
         let keys = match pending.state.consume_response(&self.identity, &peer.keys, &msg) {
             Ok(k) => k,
@@ -1050,22 +1052,25 @@ impl Device {
             peer.endpoint = Some(d.addr);
             self.endpoint_generation += 1;
         }
-        // The initiator's new keypair is confirmed at once: it becomes current.
+        // The initiator's new keypair is confirmed at once: it becomes current. A keypair
+        // waiting for confirmation (both sides initiated at once) is demoted to previous, and
+        // the current one is then dropped, as the kernel module does; else current becomes
+        // previous. Every keypair dropped gives its index up.
         let new = Keypair::new(&keys, now);
-        let freed = match peer.next.take() {
-            Some(next) => peer.previous.replace(next),
+        let dropped = match peer.next.take() {
+            Some(next) => [peer.current.take(), peer.previous.replace(next)],
             None => {
                 let cur = peer.current.take();
-                std::mem::replace(&mut peer.previous, cur)
+                [std::mem::replace(&mut peer.previous, cur), None]
             }
         };
         peer.current = Some(new);
-        if let Some(kp) = freed {
+        for kp in dropped.into_iter().flatten() {
             self.by_index.remove(&kp.local_index);
         }
         self.pool.put(d.buf);
         self.session_derived(now, pid);
-        self.handshake_complete(pid);
+        self.handshake_complete(now, pid);
         self.on_authenticated_received(now, pid);
         self.send_keepalive(now, pid, batch, out);
     }
@@ -1074,10 +1079,9 @@ impl Device {
         let Ok(msg) = CookieReply::new_checked(d.buf.data()) else {
             return self.drop_buf(None, DropReason::Malformed, d.buf);
         };
-        let Some(&pid) = self.by_index.get(&msg.receiver_index()) else {
+        let Some((pid, peer)) = self.peer_of_index(msg.receiver_index()) else {
             return self.drop_buf(None, DropReason::UnexpectedHandshake, d.buf);
         };
-        let peer = self.peers[pid.index()].as_mut().expect("live peer");
         match peer.sealer.consume_reply(now, &msg) {
             Ok(()) => self.pool.put(d.buf),
             Err(_) => self.drop_buf(Some(pid), DropReason::CookieDecryptFailed, d.buf),
@@ -1131,21 +1135,17 @@ impl Device {
         self.peer_mut(pid).set_timer(Timer::ZeroKeyMaterial, now + t);
     }
 
-    fn handshake_complete(&mut self, pid: PeerId) {
-        let now_wall = {
-            // The wall-clock time of the last handshake, as `wg` shows it; derived from the
-            // keypair's creation instant, which is "now" for both callers.
-            let created = self.peer_mut(pid).current.as_ref().map(|k| k.created);
-            created.map(|c| self.wall_clock(c))
-        };
+    /// A session is up: on the initiator when the response arrives, on the responder when the
+    /// first message on the new keypair confirms it. `wg` shows `now` as the last handshake,
+    /// as the kernel module does.
+    fn handshake_complete(&mut self, now: Instant, pid: PeerId) {
+        let now_wall = self.wall_clock(now);
         let peer = self.peer_mut(pid);
         peer.cancel_timer(Timer::RetransmitHandshake);
         peer.handshake_attempts = 0;
         peer.sent_lastminute_handshake = false;
         peer.stats.handshakes_completed += 1;
-        if now_wall.is_some() {
-            peer.stats.last_handshake = now_wall;
-        }
+        peer.stats.last_handshake = Some(now_wall);
         self.stats.sessions_established += 1;
     }
 
@@ -1248,6 +1248,47 @@ impl Device {
     }
 
     // ---- Helpers -------------------------------------------------------------------------
+
+    /// The peer that receiver index `index` names, and the peer itself: `None` for an index
+    /// nobody holds. Indices travel in clear and may name anything: this lookup is total.
+    #[inline]
+    fn peer_of_index(&mut self, index: u32) -> Option<(PeerId, &mut Peer)> {
+        let pid = *self.by_index.get(&index)?;
+        let peer = self.peers.get_mut(pid.index())?.as_mut()?;
+        Some((pid, peer))
+    }
+
+    /// Checks the device's internal bookkeeping and says what is wrong: every registered
+    /// receiver index belongs to a live peer that holds it (as a keypair's or its pending
+    /// handshake's), and every index a peer holds is registered. For tests and fuzzing.
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (&index, &pid) in &self.by_index {
+            let Some(peer) = self.peers.get(pid.index()).and_then(Option::as_ref) else {
+                return Err(format!("index {index:#x} names {pid:?}, which is gone"));
+            };
+            if !peer.indices().any(|i| i == index) {
+                return Err(format!("index {index:#x} names {pid:?}, which does not hold it"));
+            }
+        }
+        let mut held = 0;
+        for (i, peer) in self.peers.iter().enumerate() {
+            let Some(peer) = peer else { continue };
+            for index in peer.indices() {
+                held += 1;
+                if self.by_index.get(&index) != Some(&PeerId(i as u32)) {
+                    return Err(format!("peer {i} holds index {index:#x}, registered to another or none"));
+                }
+            }
+        }
+        if held != self.by_index.len() {
+            return Err(format!("{} indices registered, {held} held", self.by_index.len()));
+        }
+        if self.by_key.len() != self.peers.iter().flatten().count() {
+            return Err("the key table and the peer table disagree".into());
+        }
+        Ok(())
+    }
 
     #[inline]
     fn peer_mut(&mut self, pid: PeerId) -> &mut Peer {

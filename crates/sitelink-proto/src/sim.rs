@@ -283,6 +283,7 @@ impl Net {
         dgrams.push(Datagram { addr: from, buf });
         let now = self.now;
         self.nodes[to].dev.decapsulate(now, &mut dgrams, &mut pkts, &mut out);
+        self.check(to);
         self.nodes[to].delivered.append(&mut pkts);
         self.put_on_wire(to, &mut out);
         self.scratch_in = dgrams;
@@ -296,10 +297,30 @@ impl Net {
             if self.nodes[i].dev.next_deadline().is_some_and(|d| d <= now) {
                 let mut out = std::mem::take(&mut self.scratch_out);
                 self.nodes[i].dev.on_timers(now, &mut out);
+                self.check(i);
                 self.put_on_wire(i, &mut out);
                 self.scratch_out = out;
             }
         }
+    }
+
+    /// Fails the test if node `i`'s bookkeeping went wrong (checked after every step).
+    fn check(&self, i: usize) {
+        if let Err(e) = self.nodes[i].dev.check_invariants() {
+            panic!("node {i}: {e}");
+        }
+    }
+
+    /// Has node `from` start a handshake with node `to` now (unless one went out less than
+    /// REKEY_TIMEOUT ago), as a rekey or `wg` would.
+    pub fn force_handshake(&mut self, from: usize, to: usize) {
+        let pid = self.nodes[from].dev.peer_by_key(&node_key(to).public_key()).expect("linked nodes");
+        let mut out = std::mem::take(&mut self.scratch_out);
+        let now = self.now;
+        self.nodes[from].dev.force_handshake(now, pid, &mut out).expect("live peer");
+        self.put_on_wire(from, &mut out);
+        self.scratch_out = out;
+        self.check(from);
     }
 
     /// Runs until `until`: delivers datagrams and fires timers in time order.
