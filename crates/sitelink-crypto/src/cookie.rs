@@ -90,7 +90,7 @@ impl MacSealer {
             Some((cookie, at))
                 if now.saturating_duration_since(*at) < COOKIE_REFRESH_TIME - COOKIE_LATENCY =>
             {
-                mac(&**cookie, &[&msg[..mac2_offset]])
+                mac(cookie, &[&msg[..mac2_offset]])
             }
             _ => [0; 16],
         };
