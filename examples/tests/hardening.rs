@@ -309,3 +309,35 @@ fn config_file_configures_the_link_and_a_readable_key_is_warned_about() {
     assert!(log.contains("readable by others"), "no warning about the key file: {log}");
     assert!(!log.contains(pair.keys[0].as_str()), "the key itself is in the log");
 }
+
+#[test]
+fn a_worker_panic_makes_sitelinkd_exit_non_zero() {
+    let _serial = serial();
+    if !can_run(&needs(Impl::Sitelink("mmsg"))) {
+        return;
+    }
+    let mut pair = Pair::new();
+    pair.extra_args[0] = vec!["--workers".into(), "2".into(), "--test-worker-panic-after=1".into()];
+    pair.start(0, Impl::Sitelink("uring"));
+    // The process is ours to wait for from here (Pair would otherwise signal it on drop).
+    let mut child = pair.procs[0].take().expect("running");
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sitelinkd ran on after a worker panicked");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(pair.log_path(0)).unwrap_or_default();
+    assert!(!status.success(), "a failed link exited {status}: {log}");
+    assert!(
+        log.contains("a worker panicked") && log.contains("injected"),
+        "the panic is not in the log: {log}"
+    );
+    assert!(log.contains("ERROR"), "not logged as an error: {log}");
+}

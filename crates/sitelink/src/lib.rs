@@ -238,6 +238,8 @@ impl LinkBuilder {
             wakers: ios.iter().map(|io| io.waker()).collect(),
             help: help::HelpDesk::new(ios.len()),
             stop: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            inject_panic: AtomicBool::new(false),
             keyed: AtomicBool::new(self.keyed),
             port: AtomicU16::new(port),
             fwmark: AtomicU32::new(self.udp.fwmark),
@@ -249,7 +251,7 @@ impl LinkBuilder {
             let pool = lock(&shared.device).pool_mut().clone_empty();
             let spawned = std::thread::Builder::new()
                 .name(format!("sitelink-worker-{index}"))
-                .spawn(move || worker::run(worker_shared, index, io, pool));
+                .spawn(move || worker::run_guarded(worker_shared, index, io, pool));
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -295,6 +297,10 @@ pub(crate) struct Shared {
     /// Where workers share large batches of opens.
     pub(crate) help: help::HelpDesk,
     pub(crate) stop: AtomicBool,
+    /// Why the link stopped on its own, if a worker failed (see [`Link::failure`]).
+    pub(crate) failure: Mutex<Option<String>>,
+    /// Test hook: the next worker turn panics (see [`Link::inject_worker_panic`]).
+    pub(crate) inject_panic: AtomicBool,
     pub(crate) keyed: AtomicBool,
     pub(crate) port: AtomicU16,
     pub(crate) fwmark: AtomicU32,
@@ -521,6 +527,23 @@ impl Link {
     /// error: one worker's stop stops them all).
     pub fn is_stopped(&self) -> bool {
         lock(&self.threads).iter().all(|t| t.is_finished())
+    }
+
+    /// Why the link stopped by itself, if it did because a worker failed: a worker that
+    /// panics stops the whole link (the engine it shared may be half-updated, so no worker
+    /// goes on with it), logs the panic as an error, and leaves its message here. A program
+    /// that supervises the link should then exit non-zero or start a new one, as
+    /// `sitelinkd` does. `None` while the link runs, and after a clean stop.
+    pub fn failure(&self) -> Option<String> {
+        lock(&self.shared.failure).clone()
+    }
+
+    /// Test hook: makes the next turn of a worker panic, to check that a failing worker stops
+    /// the link loudly (see [`failure`](Self::failure)). Never call it on a production link.
+    #[doc(hidden)]
+    pub fn inject_worker_panic(&self) {
+        self.shared.inject_panic.store(true, Ordering::Relaxed);
+        self.wake_all();
     }
 }
 

@@ -47,7 +47,26 @@ const PEER_SOCKET_RETRY: Duration = Duration::from_secs(30);
 /// Vectors are sized for the largest batch a backend moves per call.
 const VEC_CAPACITY: usize = 1024;
 
-pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPool) {
+/// Runs worker `index` until the link stops. If the worker panics, whatever the cause, the
+/// panic is logged as an error, kept as the link's failure, and every worker is stopped: the
+/// engine the worker held may be half-updated, so no one goes on with it, and a link that
+/// runs on with one worker gone would be silently half-dead.
+pub(crate) fn run_guarded(shared: Arc<Shared>, index: usize, io: Box<dyn PacketIo>, pool: BufPool) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&shared, index, io, pool)));
+    if let Err(payload) = result {
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned());
+        let failure = format!("worker {index} panicked: {what}");
+        tracing::error!(worker = index, panic = %what, "a worker panicked; stopping the link");
+        lock(&shared.failure).get_or_insert(failure);
+        shared.stop_all();
+    }
+}
+
+fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPool) {
     let slot = &shared.workers[index];
     let mut datagrams: Vec<Datagram> = Vec::with_capacity(VEC_CAPACITY);
     let mut read: Vec<PacketBuf> = Vec::with_capacity(VEC_CAPACITY);
@@ -78,6 +97,9 @@ pub(crate) fn run(shared: Arc<Shared>, index: usize, mut io: Box<dyn PacketIo>, 
             std::thread::sleep(ERROR_BACKOFF);
         }
         shared.help.help(index);
+        if shared.inject_panic.swap(false, Ordering::Relaxed) {
+            panic!("injected by Link::inject_worker_panic");
+        }
         let now = Instant::now();
 
         if let Some(socket) = lock(&slot.pending_socket).take() {

@@ -195,3 +195,26 @@ fn shutdown_stops_every_worker() {
     a.shutdown();
     drop(b);
 }
+
+#[test]
+fn a_panicking_worker_stops_the_whole_link_loudly() {
+    for backend in [BackendKind::Mmsg, BackendKind::Uring] {
+        let ((a, _pa), (b, _pb)) = pair(backend, 2);
+        assert!(!a.is_stopped() && a.failure().is_none());
+        a.inject_worker_panic();
+        let start = Instant::now();
+        while !a.is_stopped() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "{backend:?}: the link ran on after a worker panicked"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let failure = a.failure().expect("the failure is reported");
+        assert!(failure.contains("panicked") && failure.contains("injected"), "{failure}");
+        // The other link is untouched, and a clean shutdown reports no failure.
+        assert!(!b.is_stopped());
+        b.shutdown();
+        assert!(b.is_stopped() && b.failure().is_none());
+    }
+}

@@ -33,6 +33,10 @@ struct Args {
     /// 3 s). Both ends must agree. Never use it on a production link.
     #[arg(long, env = "SITELINK_TEST_TIME_SCALE", hide = true)]
     time_scale: Option<f64>,
+    /// For tests: make a worker panic this many seconds after start, to check that the
+    /// daemon then exits non-zero for its supervisor. Never use it on a production link.
+    #[arg(long, env = "SITELINK_TEST_WORKER_PANIC_AFTER", hide = true)]
+    test_worker_panic_after: Option<f64>,
     /// A wg-quick style file to configure the link from at start (`wg setconf` can change it
     /// later). A file that others may read is warned about.
     #[arg(long)]
@@ -90,6 +94,7 @@ fn daemonize(args: &Args) -> ExitCode {
         .arg("--workers")
         .arg(args.workers.to_string())
         .args(args.time_scale.map(|f| format!("--time-scale={f}")))
+        .args(args.test_worker_panic_after.map(|s| format!("--test-worker-panic-after={s}")))
         .args(args.config.iter().flat_map(|c| [std::ffi::OsString::from("--config"), c.clone().into()]))
         .arg(&args.ifname)
         .stdin(Stdio::null())
@@ -190,10 +195,23 @@ fn run(args: &Args) -> Result<(), String> {
     );
     let link = Arc::new(link);
     uapi::serve(Arc::clone(&link), listener).map_err(|e| format!("starting the UAPI server: {e}"))?;
+    if let Some(secs) = args.test_worker_panic_after {
+        tracing::warn!(after_seconds = secs, "a worker panic will be injected (test)");
+        let link = Arc::clone(&link);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs_f64(secs.max(0.0)));
+            link.inject_worker_panic();
+        });
+    }
     loop {
         if let Some(sig) = sitelink_io::wait_termination_signal(Duration::from_millis(500)) {
             tracing::info!(signal = sig, "stopping");
             break;
+        }
+        // A failed worker stopped the link: exit non-zero so that a supervisor restarts us.
+        // (Checked before `is_stopped`, which a worker blocked on the failed one may delay.)
+        if let Some(failure) = link.failure() {
+            return Err(format!("the link failed: {failure}"));
         }
         if link.is_stopped() {
             tracing::info!("the link stopped");
