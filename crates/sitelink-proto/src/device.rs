@@ -255,8 +255,12 @@ impl Device {
     }
 
     /// Replaces the private key. Every session is dropped (peers handshake again); a peer with
-    /// the new public key is removed.
+    /// the new public key is removed. Setting the key already in force changes nothing (a
+    /// reload such as `wg syncconf` keeps every session), as the kernel module does.
     pub fn set_private_key(&mut self, key: PrivateKey) {
+        if key.public_key() == *self.identity.public_key() {
+            return;
+        }
         self.identity = Identity::new(key.clone());
         self.config.private_key = key;
         self.checker = MacChecker::new(&self.identity);
@@ -409,6 +413,18 @@ impl Device {
     pub fn add_allowed_ip(&mut self, pid: PeerId, net: IpNet) -> Result<(), DeviceError> {
         self.peer_checked(pid)?;
         self.claim_prefix(pid, net);
+        Ok(())
+    }
+
+    /// Removes one allowed IP prefix from a peer (nothing if it does not have it).
+    pub fn remove_allowed_ip(&mut self, pid: PeerId, net: IpNet) -> Result<(), DeviceError> {
+        let peer = self.peer_checked(pid)?;
+        let before = peer.allowed_ips.len();
+        peer.allowed_ips.retain(|n| *n != net);
+        if peer.allowed_ips.len() != before {
+            self.prefix_owner.remove(&net);
+            self.rebuild_routes();
+        }
         Ok(())
     }
 

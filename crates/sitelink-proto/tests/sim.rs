@@ -582,3 +582,40 @@ fn the_responder_dates_the_handshake_from_its_confirmation() {
     // A completes when the response arrives; B when A's first message does, one delay later.
     assert_eq!(b.saturating_sub(a), Duration::from_millis(50), "initiator {a:?}, responder {b:?}");
 }
+
+#[test]
+fn setting_the_same_private_key_keeps_every_session() {
+    let mut net = Net::pair(33);
+    net.send(0, 1, b"x");
+    net.run_for(secs(1));
+    let p = peer_of(&net, 0, 1);
+    let now = net.now;
+    net.nodes[0].dev.set_private_key(node_key(0));
+    assert!(
+        net.nodes[0].dev.peer(p).unwrap().has_session(now, &net.nodes[0].dev),
+        "same key dropped the session"
+    );
+    net.send(0, 1, b"y");
+    net.run_for(Duration::from_millis(10));
+    assert_eq!(net.take_delivered(1), vec![b"x".to_vec(), b"y".to_vec()]);
+    assert_eq!(stats(&net, 0, 1).handshake_initiations_sent, 1, "no new handshake");
+    // Another key does drop it.
+    net.nodes[0].dev.set_private_key(node_key(7));
+    assert!(!net.nodes[0].dev.peer(p).unwrap().has_session(now, &net.nodes[0].dev));
+}
+
+#[test]
+fn one_allowed_ip_can_be_removed() {
+    use sitelink_proto::IpNet;
+    let mut net = Net::pair(34);
+    let p = peer_of(&net, 0, 1);
+    let extra: IpNet = "10.77.0.0/16".parse().unwrap();
+    net.nodes[0].dev.add_allowed_ip(p, extra).unwrap();
+    assert_eq!(net.nodes[0].dev.route("10.77.1.2".parse().unwrap()), Some(p));
+    net.nodes[0].dev.remove_allowed_ip(p, extra).unwrap();
+    assert_eq!(net.nodes[0].dev.route("10.77.1.2".parse().unwrap()), None);
+    assert_eq!(net.nodes[0].dev.route(net.nodes[1].inner.into()), Some(p), "the others stay");
+    // Removing a prefix the peer does not have changes nothing.
+    net.nodes[0].dev.remove_allowed_ip(p, extra).unwrap();
+    assert_eq!(net.nodes[0].dev.peer(p).unwrap().allowed_ips().len(), 1);
+}

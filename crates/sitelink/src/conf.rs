@@ -105,6 +105,16 @@ pub fn parse_resolving(text: &str) -> Result<Config, ConfError> {
     parse_with(text, true)
 }
 
+/// A key name as an error message may show it: the name itself when it looks like one (short,
+/// letters, digits, `_`, `-`, brackets), else a placeholder. A line that is not `Key = Value`
+/// (a key pasted on its own, `PrivateKey` without its `=`, whose base64 then ends at the
+/// key's own padding) must not put key material into a log.
+pub(crate) fn shown_key(key: &str) -> String {
+    let plain = key.len() <= 32
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '[' | ']'));
+    if plain { key.to_owned() } else { format!("(a {}-character name, not shown)", key.chars().count()) }
+}
+
 fn parse_with(text: &str, resolve: bool) -> Result<Config, ConfError> {
     let mut config = Config::default();
     let mut section = Section::None;
@@ -128,16 +138,15 @@ fn parse_with(text: &str, resolve: bool) -> Result<Config, ConfError> {
                 }
                 "[interface]" => return Err(err("a second [Interface] section".into())),
                 "[peer]" => Section::Peer,
-                other => return Err(err(format!("unknown section {other}"))),
+                other => return Err(err(format!("unknown section {}", shown_key(other)))),
             };
             continue;
         }
-        let (key, value) =
-            content.split_once('=').ok_or_else(|| err(format!("expected Key = Value, got {content:?}")))?;
+        let (key, value) = content.split_once('=').ok_or_else(|| err("expected Key = Value".into()))?;
         let (key, value) = (key.trim(), value.trim());
         let lkey = key.to_ascii_lowercase();
         match section {
-            Section::None => return Err(err(format!("{key} outside any section"))),
+            Section::None => return Err(err(format!("{} outside any section", shown_key(key)))),
             Section::Interface => {
                 let ifc = &mut config.interface;
                 match lkey.as_str() {
@@ -168,7 +177,7 @@ fn parse_with(text: &str, resolve: bool) -> Result<Config, ConfError> {
                     }
                     "address" | "dns" | "table" | "preup" | "postup" | "predown" | "postdown"
                     | "saveconfig" => ifc.wg_quick.push((key.to_owned(), value.to_owned())),
-                    _ => return Err(err(format!("unknown [Interface] key {key}"))),
+                    _ => return Err(err(format!("unknown [Interface] key {}", shown_key(key)))),
                 }
             }
             Section::Peer => {
@@ -207,7 +216,7 @@ fn parse_with(text: &str, resolve: bool) -> Result<Config, ConfError> {
                         };
                         p.persistent_keepalive = (secs > 0).then(|| Duration::from_secs(secs.into()));
                     }
-                    _ => return Err(err(format!("unknown [Peer] key {key}"))),
+                    _ => return Err(err(format!("unknown [Peer] key {}", shown_key(key)))),
                 }
             }
         }
@@ -263,6 +272,29 @@ mod tests {
         assert!(config.interface.private_key.is_some());
         std::fs::remove_file(&path).unwrap();
         assert_eq!(load(&path).unwrap_err().line, 0);
+    }
+
+    #[test]
+    fn malformed_key_lines_do_not_echo_the_key() {
+        let psk = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
+        for text in [
+            format!("[Interface]\nPrivateKey {KEY}\n"),
+            format!("[Interface]\nPrivateKey: {KEY}\n"),
+            format!("[Interface]\n{KEY}\n"),
+            format!("[Interface]\nPrivateKey = {}\n", &KEY[..40]),
+            format!("[Interface]\nPrivateKey = {KEY}x\n"),
+            format!("[Peer]\nPublicKey = {PUB}\nPresharedKey {psk}\n"),
+            format!("[Peer]\nPublicKey = {PUB}\nPresharedKey = {psk}psk\n"),
+            format!("{KEY}\n"),
+            format!("[{KEY}]\n"),
+        ] {
+            let e = parse(&text).unwrap_err();
+            let shown = e.to_string();
+            for secret in [KEY, &KEY[..40], &KEY[..20], psk, &psk[..20]] {
+                assert!(!shown.contains(secret), "{text:?} gave {shown:?}");
+            }
+            assert!(e.line >= 1, "{text:?}: the error names the line: {shown}");
+        }
     }
 
     #[test]

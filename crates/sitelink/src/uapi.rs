@@ -41,7 +41,7 @@ pub enum UapiError {
 }
 
 impl UapiError {
-    /// The positive errno value sent back.
+    /// The errno value this failure stands for (positive; the reply carries it negated).
     pub fn errno(&self) -> i32 {
         match self {
             UapiError::Invalid { .. } => libc_errno::EINVAL,
@@ -79,6 +79,9 @@ pub struct PeerChange {
     pub replace_allowed_ips: bool,
     /// Allowed IPs to add.
     pub allowed_ips: Vec<IpNet>,
+    /// Allowed IPs to remove (`allowed_ip=-PREFIX`, newer wireguard-tools), applied before the
+    /// additions; a prefix named both ways in one request ends as the later line says.
+    pub removed_allowed_ips: Vec<IpNet>,
 }
 
 /// A parsed `set=1` request.
@@ -158,10 +161,12 @@ pub fn parse_set(body: &str) -> Result<SetRequest, UapiError> {
                     persistent_keepalive: None,
                     replace_allowed_ips: false,
                     allowed_ips: Vec::new(),
+                    removed_allowed_ips: Vec::new(),
                 });
             }
             _ => {
-                let unexpected = || invalid(line, format!("unexpected key {key:?} here"));
+                let unexpected =
+                    || invalid(line, format!("unexpected key {} here", crate::conf::shown_key(key)));
                 let p = req.peers.last_mut().ok_or_else(unexpected)?;
                 parse_peer_line(p, key, value, line, flag)?;
             }
@@ -196,18 +201,29 @@ fn parse_peer_line(
             p.replace_allowed_ips = flag(value)?;
             if p.replace_allowed_ips {
                 p.allowed_ips.clear();
+                p.removed_allowed_ips.clear();
             }
         }
         "allowed_ip" => {
-            let net: IpNet = value.parse().map_err(|e| invalid(line, format!("allowed_ip: {e}")))?;
-            p.allowed_ips.push(net);
+            let (remove, prefix) = match value.strip_prefix('-') {
+                Some(rest) => (true, rest),
+                None => (false, value),
+            };
+            let net: IpNet = prefix.parse().map_err(|e| invalid(line, format!("allowed_ip: {e}")))?;
+            if remove {
+                p.allowed_ips.retain(|n| *n != net);
+                p.removed_allowed_ips.push(net);
+            } else {
+                p.removed_allowed_ips.retain(|n| *n != net);
+                p.allowed_ips.push(net);
+            }
         }
         "protocol_version" => {
             if value != "1" {
                 return Err(invalid(line, "protocol_version: only 1 is known"));
             }
         }
-        _ => return Err(invalid(line, format!("unexpected key {key:?} here"))),
+        _ => return Err(invalid(line, format!("unexpected key {} here", crate::conf::shown_key(key)))),
     }
     Ok(())
 }
@@ -262,6 +278,9 @@ pub fn apply_set(link: &Link, req: SetRequest) -> Result<(), UapiError> {
                 if change.replace_allowed_ips {
                     dev.set_allowed_ips(pid, &change.allowed_ips)?;
                 } else {
+                    for net in &change.removed_allowed_ips {
+                        dev.remove_allowed_ip(pid, *net)?;
+                    }
                     for net in &change.allowed_ips {
                         dev.add_allowed_ip(pid, *net)?;
                     }
@@ -377,8 +396,10 @@ pub fn handle_one(link: &Link, reader: &mut impl BufRead, writer: &mut impl Writ
     Ok(true)
 }
 
+/// Answers a failure as wireguard-go does, with the errno negated (`errno=-22`): `wg` takes
+/// the number as a negative error code and prints the matching message.
 fn reply_errno(writer: &mut impl Write, e: &UapiError) -> io::Result<()> {
-    writer.write_all(format!("errno={}\n\n", e.errno()).as_bytes())?;
+    writer.write_all(format!("errno=-{}\n\n", e.errno()).as_bytes())?;
     writer.flush()
 }
 
@@ -397,18 +418,34 @@ pub fn socket_path(ifname: &str) -> PathBuf {
     Path::new("/var/run/wireguard").join(format!("{ifname}.sock"))
 }
 
-/// Creates the UAPI socket at `path` (its directory too, mode 0700 semantics left to umask),
-/// replacing a stale one.
+/// Creates the UAPI socket at `path` (and its directory), replacing a stale one. The socket is
+/// mode 0600 whatever the process umask, since `get=1` answers with the private key: it is
+/// bound under a temporary name, restricted, and only then renamed into place, so no one can
+/// connect while it is still open to them.
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!(".{}.tmp", std::process::id()));
+    let temp = PathBuf::from(temp);
+    remove_if_present(&temp)?;
+    let listener = UnixListener::bind(&temp)?;
+    let placed = std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&temp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e);
     }
-    UnixListener::bind(path)
+    Ok(listener)
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Serves UAPI connections from `listener` until `link` stops, one thread per connection.
@@ -484,5 +521,53 @@ mod tests {
             }
         }
         assert_eq!(parse_set("x\n").unwrap_err().errno(), 22);
+    }
+
+    #[test]
+    fn errno_replies_are_negative_as_wg_expects() {
+        // wg-tools reads `errno=` as a signed number and reports -N as error N; a positive
+        // number made it print "Success" or a wrong message.
+        let mut out = Vec::new();
+        reply_errno(&mut out, &UapiError::PortInUse).unwrap();
+        assert_eq!(out, b"errno=-98\n\n");
+    }
+
+    #[test]
+    fn allowed_ip_removal_lines_parse_in_order() {
+        let body = format!(
+            "public_key={K1}\nallowed_ip=10.0.0.0/24\nallowed_ip=-10.0.0.0/24\nallowed_ip=-10.1.0.0/16\n\
+             allowed_ip=fd00::/64\nallowed_ip=-fd00::/64\nallowed_ip=fd00::/64\n\n"
+        );
+        let p = &parse_set(&body).unwrap().peers[0];
+        assert_eq!(p.allowed_ips, vec!["fd00::/64".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            p.removed_allowed_ips,
+            vec!["10.0.0.0/24".parse().unwrap(), "10.1.0.0/16".parse().unwrap()]
+        );
+        assert!(parse_set(&format!("public_key={K1}\nallowed_ip=-x\n")).is_err());
+    }
+
+    #[test]
+    fn key_material_in_a_bad_line_is_not_echoed() {
+        let body = format!("private_key{K1}=\n");
+        let e = parse_set(&body).unwrap_err().to_string();
+        assert!(!e.contains(&K1[..16]), "{e}");
+    }
+
+    #[test]
+    fn the_socket_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("sitelink-uapi-test-{}", std::process::id()));
+        let path = dir.join("wgtest0.sock");
+        // The umask is process-wide and other tests run beside this one, so it is left as
+        // it is: under the usual 022 a plain bind leaves the socket 0755, which shows here.
+        let _listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "socket mode {mode:o}");
+        // A stale socket is replaced.
+        drop(_listener);
+        let _again = bind(&path).unwrap();
+        assert!(path.exists());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
