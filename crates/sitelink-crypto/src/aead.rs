@@ -32,13 +32,44 @@ fn nonce(counter: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
+/// ring's ChaCha20-Poly1305 key, overwritten in place when dropped.
+///
+/// ring does not erase its keys: a dropped `LessSafeKey` leaves the ChaCha20 key words in
+/// freed memory. ring's ChaCha20 key is not expanded (its `LessSafeKey` holds the 32 key bytes
+/// and the algorithm), so writing a key of zeros over the value in place overwrites the
+/// secret, and `black_box` keeps the compiler from dropping that write as dead. What this
+/// cannot reach: copies ring or the compiler made on the stack while the key was built (moves
+/// of the key value through `UnboundKey::new` and `LessSafeKey::new`), which later calls
+/// overwrite in the normal course but nothing erases on purpose.
+struct ErasingKey(LessSafeKey);
+
+impl ErasingKey {
+    fn new(bytes: &[u8; 32]) -> Self {
+        ErasingKey(LessSafeKey::new(
+            UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("32 bytes is ChaCha20's key length"),
+        ))
+    }
+
+    /// Overwrites the key in place with a key of zeros.
+    fn erase(&mut self) {
+        self.0 = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[0; 32]).expect("32-byte key"));
+        std::hint::black_box(&self.0);
+    }
+}
+
+impl Drop for ErasingKey {
+    fn drop(&mut self) {
+        self.erase();
+    }
+}
+
 /// One direction's transport key.
 ///
 /// The raw key bytes handed to [`TransportKey::new`] are the caller's to erase (the handshake
-/// hands them over in `Zeroizing` wrappers); ring keeps its own copy, expanded, for the key's
-/// life.
+/// hands them over in `Zeroizing` wrappers); ring's copy is overwritten when the key is
+/// dropped (see the README's note on key erasure for what is and is not erased).
 pub struct TransportKey {
-    key: LessSafeKey,
+    key: ErasingKey,
 }
 
 impl std::fmt::Debug for TransportKey {
@@ -50,8 +81,7 @@ impl std::fmt::Debug for TransportKey {
 impl TransportKey {
     /// A key from its 32 bytes.
     pub fn new(bytes: &[u8; 32]) -> Self {
-        let unbound = UnboundKey::new(&CHACHA20_POLY1305, bytes).expect("32 bytes is ChaCha20's key length");
-        TransportKey { key: LessSafeKey::new(unbound) }
+        TransportKey { key: ErasingKey::new(bytes) }
     }
 
     /// Pads the packet in `buf` with zeros to a multiple of 16 (never past `mtu`), seals it in
@@ -67,6 +97,7 @@ impl TransportKey {
         let (body, tag_out) = buf.data_mut().split_at_mut(len + pad);
         let tag = self
             .key
+            .0
             .seal_in_place_separate_tag(nonce(counter), Aad::empty(), body)
             .expect("ChaCha20-Poly1305 seals any length a PacketBuf can hold");
         tag_out.copy_from_slice(tag.as_ref());
@@ -77,7 +108,7 @@ impl TransportKey {
     /// plaintext, which is padded: the inner IP header tells its true length.
     #[inline]
     pub fn open<'a>(&self, counter: u64, ciphertext: &'a mut [u8]) -> Result<&'a mut [u8], OpenError> {
-        self.key.open_in_place(nonce(counter), Aad::empty(), ciphertext).map_err(|_| OpenError)
+        self.key.0.open_in_place(nonce(counter), Aad::empty(), ciphertext).map_err(|_| OpenError)
     }
 }
 
@@ -85,10 +116,11 @@ impl TransportKey {
 /// writing ciphertext and tag into `out` (`plaintext.len() + 16` bytes).
 pub(crate) fn seal_to(key: &[u8; 32], aad: &[u8], plaintext: &[u8], out: &mut [u8]) {
     debug_assert_eq!(out.len(), plaintext.len() + TAG_LEN);
-    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("32-byte key"));
+    let key = ErasingKey::new(key);
     let (body, tag_out) = out.split_at_mut(plaintext.len());
     body.copy_from_slice(plaintext);
-    let tag = key.seal_in_place_separate_tag(nonce(0), Aad::from(aad), body).expect("short handshake field");
+    let tag =
+        key.0.seal_in_place_separate_tag(nonce(0), Aad::from(aad), body).expect("short handshake field");
     tag_out.copy_from_slice(tag.as_ref());
 }
 
@@ -100,8 +132,8 @@ pub(crate) fn open_to(key: &[u8; 32], aad: &[u8], sealed: &[u8], out: &mut [u8])
     let mut work = [0u8; 64];
     let work = work.get_mut(..sealed.len()).ok_or(OpenError)?;
     work.copy_from_slice(sealed);
-    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("32-byte key"));
-    let plain = key.open_in_place(nonce(0), Aad::from(aad), work).map_err(|_| OpenError)?;
+    let key = ErasingKey::new(key);
+    let plain = key.0.open_in_place(nonce(0), Aad::from(aad), work).map_err(|_| OpenError)?;
     out.copy_from_slice(plain);
     Ok(())
 }
@@ -150,6 +182,22 @@ mod tests {
         let mut buf = PacketBuf::new(64 + 20, 64);
         buf.extend(17).unwrap();
         assert_eq!(key.seal(0, &mut buf, 1420), Err(SealError::NoTailroom { have: 3, need: 31 }));
+    }
+
+    #[test]
+    fn erasing_overwrites_the_key_in_place() {
+        // What Drop does: afterwards the same value seals as a key of zeros would, and what
+        // the old key sealed no longer opens.
+        let mut key = TransportKey::new(&[7; 32]);
+        let mut sealed = PacketBuf::from_slice(&[1; 32]);
+        key.seal(3, &mut sealed, 1420).unwrap();
+        key.key.erase();
+        assert_eq!(key.open(3, &mut sealed.data().to_vec()), Err(OpenError));
+        let mut a = PacketBuf::from_slice(&[2; 16]);
+        let mut b = PacketBuf::from_slice(&[2; 16]);
+        key.seal(0, &mut a, 1420).unwrap();
+        TransportKey::new(&[0; 32]).seal(0, &mut b, 1420).unwrap();
+        assert_eq!(a.data(), b.data());
     }
 
     #[test]
