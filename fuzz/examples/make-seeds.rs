@@ -36,6 +36,15 @@ fn main() {
         f.extend_from_slice(&resp);
         write("handshake_response", "framed", &f);
     }
+    // device_ops scripts: data both ways, simultaneous rekeys with time between, a removal,
+    // then replays of the first datagrams on record (old indices).
+    let mut script = vec![0u8, 0, 4, 1, 4, 6, 6];
+    for _ in 0..3 {
+        script.extend_from_slice(&[4, 0, 6, 6, 0, 2, 1, 2, 5, 50]);
+    }
+    script.extend_from_slice(&[7, 0, 9, 0, 0, 0, 9, 3, 0, 0, 10, 4, 20, 1, 8, 0, 0, 9]);
+    write("device_ops", "rekeys-removal-replays", &script);
+    write("device_ops", "cookie-mode", &[1, 4, 0, 4, 0, 4, 0, 4, 0, 5, 200, 0, 9, 6, 200, 6, 200]);
     write("cookie_reply", "zeros", &[0u8; 64]);
     write("ip_peek", "v4", &[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
     let mut v6 = vec![0x60, 0, 0, 0, 0, 0, 17, 64];

@@ -1290,6 +1290,9 @@ impl Device {
         let mut held = 0;
         for (i, peer) in self.peers.iter().enumerate() {
             let Some(peer) = peer else { continue };
+            if peer.staged.len() > self.config.max_staged_packets.max(1) {
+                return Err(format!("peer {i} stages {} packets", peer.staged.len()));
+            }
             for index in peer.indices() {
                 held += 1;
                 if self.by_index.get(&index) != Some(&PeerId(i as u32)) {

@@ -194,14 +194,19 @@ impl Net {
     /// Makes `a` and `b` peers of each other, each knowing the other's endpoint, each allowed
     /// the other's inner /32.
     pub fn link(&mut self, a: usize, b: usize, psk_a: Option<[u8; 32]>, psk_b: Option<[u8; 32]>) {
-        for (x, y, psk) in [(a, b, psk_a), (b, a, psk_b)] {
-            let mut pc = PeerConfig::new(node_key(y).public_key());
-            pc.endpoint = Some(self.nodes[y].addr);
-            pc.allowed_ips = vec![IpNet::new(IpAddr::V4(self.nodes[y].inner), 32).expect("valid /32")];
-            pc.preshared_key = psk.map(crate::PresharedKey::from_bytes);
-            let now = self.now;
-            self.nodes[x].dev.upsert_peer(now, pc).expect("distinct keys");
-        }
+        self.add_peer(a, b, psk_a);
+        self.add_peer(b, a, psk_b);
+    }
+
+    /// Makes `y` a peer of `x` (or sets it again): `y`'s key, endpoint and inner /32.
+    pub fn add_peer(&mut self, x: usize, y: usize, psk: Option<[u8; 32]>) {
+        let mut pc = PeerConfig::new(node_key(y).public_key());
+        pc.endpoint = Some(self.nodes[y].addr);
+        pc.allowed_ips = vec![IpNet::new(IpAddr::V4(self.nodes[y].inner), 32).expect("valid /32")];
+        pc.preshared_key = psk.map(crate::PresharedKey::from_bytes);
+        let now = self.now;
+        self.nodes[x].dev.upsert_peer(now, pc).expect("distinct keys");
+        self.check(x);
     }
 
     /// Two linked nodes with default configuration.
@@ -323,6 +328,14 @@ impl Net {
         self.check(from);
     }
 
+    /// Like [`force_handshake`](Self::force_handshake), but nothing happens when `to` is not
+    /// (or no longer) a peer of `from`.
+    pub fn force_handshake_if_linked(&mut self, from: usize, to: usize) {
+        if self.nodes[from].dev.peer_by_key(&node_key(to).public_key()).is_some() {
+            self.force_handshake(from, to);
+        }
+    }
+
     /// Runs until `until`: delivers datagrams and fires timers in time order.
     pub fn run_until(&mut self, until: Instant) {
         loop {
@@ -385,4 +398,105 @@ impl Net {
 /// Whether `bytes` is a WireGuard message of type `ty`.
 pub fn is_type(bytes: &[u8], ty: MessageType) -> bool {
     classify(bytes) == Ok(ty)
+}
+
+/// Datagrams a script keeps on record for replays: the first half of the cap stays (the
+/// first sessions' messages, whose indices go stale), the rest is the most recent.
+const SCRIPT_RECORD_CAP: usize = 512;
+
+/// Drives two linked nodes through the operations a byte string names, checking both
+/// devices' bookkeeping after every step (a violation panics): the stateful fuzz target
+/// (`fuzz/fuzz_targets/device_ops.rs`) and a property test share it.
+///
+/// Each byte picks an operation (its value modulo 16) and the next byte, where one is
+/// needed, its argument: data either way, a handshake from one side or from both at once,
+/// time passing (milliseconds, or up to 255 s at once), a peer removed, added again or all
+/// peers replaced, the same private key set again, a side's datagrams all lost, a side
+/// roaming to another port, and replays, mutations and misdeliveries of any datagram seen on
+/// the wire so far, old sessions' receiver indices included.
+pub fn run_script(script: &[u8]) {
+    let mut net = Net::new(u64::from(script.first().copied().unwrap_or(0)));
+    // A low load threshold on one side puts it in cookie mode now and then.
+    let low_threshold = script.first().is_some_and(|b| b & 1 == 1);
+    net.add_node(|c| {
+        if low_threshold {
+            c.handshake_load_threshold = 3;
+        }
+        c.max_staged_packets = 8;
+    });
+    net.add_node(|_| {});
+    net.link(0, 1, None, None);
+    net.record = Some(Vec::new());
+    let mut lossy = [false; 2];
+    let mut bytes = script.iter().copied().skip(1);
+    while let Some(op) = bytes.next() {
+        let arg = bytes.next().unwrap_or(0);
+        let side = usize::from(arg & 1);
+        match op % 16 {
+            0 | 1 => {
+                let from = usize::from(op % 16);
+                let payload = vec![arg; usize::from(arg) * 4];
+                net.send(from, 1 - from, &payload);
+            }
+            2 | 3 => net.force_handshake_if_linked(usize::from(op % 2), 1 - usize::from(op % 2)),
+            4 => {
+                net.force_handshake_if_linked(0, 1);
+                net.force_handshake_if_linked(1, 0);
+            }
+            5 => net.run_for(Duration::from_millis(u64::from(arg))),
+            6 => net.run_for(Duration::from_secs(u64::from(arg))),
+            7 => {
+                let other = node_key(1 - side).public_key();
+                if let Some(pid) = net.nodes[side].dev.peer_by_key(&other) {
+                    net.nodes[side].dev.remove_peer(pid).expect("live peer");
+                }
+                net.check(side);
+            }
+            8 => net.add_peer(side, 1 - side, None),
+            9..=11 => {
+                let Some(rec) = net.record.as_ref().filter(|r| !r.is_empty()) else { continue };
+                let (from, to, mut msg) = rec[usize::from(arg) % rec.len()].clone();
+                let at = usize::from(bytes.next().unwrap_or(0));
+                let xor = bytes.next().unwrap_or(0);
+                if op % 16 == 10 && !msg.is_empty() {
+                    let i = at % msg.len();
+                    msg[i] ^= xor.max(1);
+                }
+                let dest = net.nodes.iter().position(|n| n.addr == to);
+                let dest = if op % 16 == 11 { dest.map(|d| 1 - d) } else { dest };
+                if let Some(d) = dest {
+                    net.inject(from, d, &msg);
+                }
+            }
+            12 => {
+                net.nodes[side].dev.set_private_key(node_key(side));
+                net.check(side);
+            }
+            13 => {
+                lossy[side] = !lossy[side];
+                let lossy = lossy;
+                net.filter = Some(Box::new(move |from, _| !lossy[from]));
+            }
+            14 => {
+                net.nodes[side].dev.clear_peers();
+                net.add_peer(side, 1 - side, None);
+            }
+            _ => {
+                let port = 51_820 + u16::from(arg);
+                let ip = net.nodes[side].addr.ip();
+                net.move_node(side, SocketAddr::new(ip, port));
+            }
+        }
+        if let Some(rec) = net.record.as_mut()
+            && rec.len() > SCRIPT_RECORD_CAP
+        {
+            rec.drain(SCRIPT_RECORD_CAP / 2..rec.len() - SCRIPT_RECORD_CAP / 4);
+        }
+    }
+    net.filter = None;
+    net.run_for(Duration::from_secs(1));
+    for i in 0..2 {
+        net.check(i);
+        assert!(net.nodes[i].dev.peer_count() <= 1, "node {i} has more peers than configured");
+    }
 }

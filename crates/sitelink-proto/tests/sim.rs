@@ -619,3 +619,32 @@ fn one_allowed_ip_can_be_removed() {
     net.nodes[0].dev.remove_allowed_ip(p, extra).unwrap();
     assert_eq!(net.nodes[0].dev.peer(p).unwrap().allowed_ips().len(), 1);
 }
+
+mod scripts {
+    //! The stateful fuzz target's driver, on random scripts and on the cases that found bugs.
+    use proptest::prelude::*;
+    use sitelink_proto::sim::run_script;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+        #[test]
+        fn random_operation_scripts_keep_the_books(script in proptest::collection::vec(any::<u8>(), 0..160)) {
+            run_script(&script);
+        }
+    }
+
+    #[test]
+    fn simultaneous_rekeys_then_removal_then_an_old_index() {
+        // Data, both sides rekeying at once three times (time passing between), the peer
+        // removed, then the first transport message replayed: the stale-index panic.
+        let mut script = vec![0u8, 0, 4, 1, 4, 6, 6];
+        for _ in 0..3 {
+            script.extend_from_slice(&[4, 0, 6, 6, 0, 2, 1, 2, 5, 50]);
+        }
+        script.extend_from_slice(&[7, 0]);
+        for i in 0..8 {
+            script.extend_from_slice(&[9, i, 0, 0]);
+        }
+        run_script(&script);
+    }
+}
