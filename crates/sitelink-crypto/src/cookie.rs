@@ -20,12 +20,9 @@ use zeroize::Zeroizing;
 use crate::Random;
 use crate::keys::PublicKey;
 use crate::noise::Identity;
+pub use crate::primitives::{LABEL_COOKIE, LABEL_MAC1};
 use crate::primitives::{hash, mac};
 
-/// `LABEL_MAC1`.
-pub const LABEL_MAC1: &[u8] = b"mac1----";
-/// `LABEL_COOKIE`.
-pub const LABEL_COOKIE: &[u8] = b"cookie--";
 /// How long a cookie secret (and so a cookie) lives: COOKIE_REFRESH_TIME.
 pub const COOKIE_REFRESH_TIME: Duration = Duration::from_secs(120);
 /// A sender stops using a cookie this long before the receiver's secret could have changed.

@@ -14,9 +14,8 @@ use sitelink_frame::wire::{HandshakeInitiation, HandshakeResponse};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::aead::{open_to, seal_to};
-use crate::cookie::{LABEL_COOKIE, LABEL_MAC1};
 use crate::keys::{PresharedKey, PrivateKey, PublicKey};
-use crate::primitives::{hash, kdf1, kdf2, kdf3};
+use crate::primitives::{LABEL_COOKIE, LABEL_MAC1, hash, kdf1, kdf2, kdf3};
 use crate::{Random, Tai64N};
 
 /// `HASH(CONSTRUCTION)`: the initial chaining key.

@@ -9,6 +9,11 @@ use zeroize::Zeroizing;
 
 type HmacBlake2s = SimpleHmac<Blake2s256>;
 
+/// `LABEL_MAC1`: hashed with the receiver's public key into MAC1's key.
+pub const LABEL_MAC1: &[u8] = b"mac1----";
+/// `LABEL_COOKIE`: hashed with the receiver's public key into the cookie reply's key.
+pub const LABEL_COOKIE: &[u8] = b"cookie--";
+
 /// 32 secret bytes, erased on drop.
 pub type Secret32 = Zeroizing<[u8; 32]>;
 

@@ -22,7 +22,7 @@ use sitelink_crypto::TransportKey;
 use sitelink_frame::wire::{TRANSPORT_HEADER_LEN, write_transport_header};
 use sitelink_frame::{Datagram, PacketBuf};
 
-use crate::device::PeerId;
+use crate::peer::PeerId;
 
 /// A packet to seal: everything was decided under the device; only the AEAD is left.
 struct SealJob {

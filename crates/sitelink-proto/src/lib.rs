@@ -24,7 +24,8 @@ pub mod sim;
 
 pub use batch::CryptoBatch;
 pub use config::{DeviceConfig, IpNet, IpNetError, PeerConfig, Timing};
-pub use device::{Device, DeviceError, PeerId, PeerView};
+pub use device::{Device, DeviceError, PeerView};
+pub use peer::PeerId;
 pub use ratelimit::RateLimiter;
 pub use routing::AllowedIps;
 pub use stats::{DeviceStats, DropCounts, DropReason, PeerStats};

@@ -13,6 +13,17 @@ use sitelink_frame::PacketBuf;
 use crate::config::{IpNet, Timing};
 use crate::stats::PeerStats;
 
+/// Names a peer of a [`Device`](crate::Device). Stable until the peer is removed; then it may be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub(crate) u32);
+
+impl PeerId {
+    /// The id as an index (dense, from 0).
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 /// The timers of a peer (WireGuard whitepaper, section 6), indexing [`Peer::timers`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
