@@ -11,15 +11,20 @@
 //!   profile refuses it, saying why once.
 //!
 //! The crate knows packet buffers ([`sitelink_frame`]), not the protocol. Every `unsafe`
-//! block lives in the private `sys` module (and `sys::uring`), each with a `// SAFETY:` line.
+//! block lives in the private `sys` module (and `sys::uring`), each with a `// SAFETY:` line;
+//! the crate root denies `unsafe` everywhere else.
+
+#![deny(unsafe_code)]
 
 mod mmsg;
 mod peers;
+// Every `unsafe` of the crate is in `sys`; the rest may not hold any.
+#[allow(unsafe_code)]
 mod sys;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,11 +32,20 @@ use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
 pub use mmsg::MmsgIo;
 pub use peers::MAX_CONNECTED_PEERS;
+pub use sys::adopt_inherited_fd;
 pub use sys::uring::{DEFAULT_IDLE_AFTER, UringIo};
 
-/// Helpers for tests of the crates above, which may not hold `unsafe` themselves.
+/// Helpers for tests of this crate and the ones above, which may not hold `unsafe`
+/// themselves; only with the `testing` feature, never part of the API.
+#[cfg(feature = "testing")]
 pub mod testing {
     pub use crate::sys::counting::CountingAllocator;
+
+    /// How many `uring` backends were dropped with requests still in flight, their memory
+    /// leaked rather than freed under the kernel (see [`UringIo`](crate::UringIo)'s `Drop`).
+    pub fn uring_drops_leaked() -> u64 {
+        crate::sys::uring::DROPS_LEAKED.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Datagrams or packets moved per batch by default.
@@ -58,11 +72,6 @@ impl Tun {
     pub fn from_fd(fd: OwnedFd) -> io::Result<Tun> {
         let (name, multi_queue) = sys::tun_info(fd.as_fd())?;
         Ok(Tun { fd, name, multi_queue })
-    }
-
-    /// Takes the descriptor number `fd`, inherited from a parent process.
-    pub fn from_raw_inherited(fd: RawFd) -> io::Result<Tun> {
-        Tun::from_fd(sys::adopt_fd(fd)?)
     }
 
     /// The interface name.
@@ -557,10 +566,18 @@ pub fn wait_termination_signal(timeout: Duration) -> Option<i32> {
     sys::wait_signal(timeout)
 }
 
-/// Takes ownership of descriptor `fd` inherited from a parent process (such as `WG_UAPI_FD`),
-/// after checking that it is open.
-pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    sys::adopt_fd(fd)
+/// Takes the descriptor a parent process handed over in environment variable `var` (such as
+/// `WG_TUN_FD` or `WG_UAPI_FD`): `Ok(None)` if the variable is not set. Each variable can be
+/// taken once per process (a second take is an error), so safe code cannot make two owners
+/// of one descriptor this way; setting the variable after start is itself `unsafe`.
+pub fn take_inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
+    match std::env::var(var) {
+        Ok(value) => sys::take_numbered_fd(var, &value).map(Some),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{var} is not a descriptor number")))
+        }
+    }
 }
 
 #[cfg(test)]

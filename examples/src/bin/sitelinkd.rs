@@ -147,17 +147,10 @@ impl Drop for SocketFile {
     }
 }
 
-fn env_fd(name: &str) -> Result<Option<i32>, String> {
-    match std::env::var(name) {
-        Ok(v) => v.parse().map(Some).map_err(|_| format!("{name}={v:?} is not a descriptor number")),
-        Err(_) => Ok(None),
-    }
-}
-
 fn run(args: &Args) -> Result<(), String> {
     sitelink_io::block_termination_signals().map_err(|e| format!("blocking signals: {e}"))?;
-    let tun = match env_fd("WG_TUN_FD")? {
-        Some(fd) => Tun::from_raw_inherited(fd).map_err(|e| format!("WG_TUN_FD: {e}"))?,
+    let tun = match sitelink_io::take_inherited_fd("WG_TUN_FD").map_err(|e| e.to_string())? {
+        Some(fd) => Tun::from_fd(fd).map_err(|e| format!("WG_TUN_FD: {e}"))?,
         None => {
             let tun = open_tun(&args.ifname, args.workers > 1)
                 .map_err(|e| format!("creating TUN {}: {e}", args.ifname))?;
@@ -167,15 +160,16 @@ fn run(args: &Args) -> Result<(), String> {
     };
     let ifname = tun.name().to_owned();
     let mtu = tun.mtu().unwrap_or(args.mtu) as usize;
-    let (listener, socket_file) = match env_fd("WG_UAPI_FD")? {
-        // The parent handed this listening socket over to us.
-        Some(fd) => (adopt_listener(fd)?, SocketFile(None)),
-        None => {
-            let path = uapi::socket_path(&ifname);
-            let l = uapi::bind(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-            (l, SocketFile(Some(path)))
-        }
-    };
+    let (listener, socket_file) =
+        match sitelink_io::take_inherited_fd("WG_UAPI_FD").map_err(|e| e.to_string())? {
+            // The parent handed this listening socket over to us.
+            Some(fd) => (UnixListener::from(fd), SocketFile(None)),
+            None => {
+                let path = uapi::socket_path(&ifname);
+                let l = uapi::bind(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+                (l, SocketFile(Some(path)))
+            }
+        };
     let mut builder =
         LinkBuilder::unkeyed().backend(args.backend).mtu(mtu).workers(usize::from(args.workers));
     if let Some(f) = args.time_scale {
@@ -270,9 +264,4 @@ fn open_tun(name: &str, multi_queue: bool) -> std::io::Result<Tun> {
             other => return other,
         }
     }
-}
-
-fn adopt_listener(fd: i32) -> Result<UnixListener, String> {
-    let owned = sitelink_io::adopt_inherited_fd(fd).map_err(|e| format!("WG_UAPI_FD: {e}"))?;
-    Ok(UnixListener::from(owned))
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use sitelink_frame::{Datagram, PacketBuf};
 
+#[cfg(feature = "testing")]
 pub(crate) mod counting;
 pub(crate) mod uring;
 
@@ -45,14 +46,20 @@ impl IfReq {
         Ok(req)
     }
 
+    /// `ifr_flags`: a `short` at the start of the union (two bytes, in native order).
+    fn flags(&self) -> libc::c_short {
+        libc::c_short::from_ne_bytes([self.data[0], self.data[1]])
+    }
+
+    fn set_flags(&mut self, flags: libc::c_short) {
+        self.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    }
+
     fn name(&self) -> String {
         let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
         String::from_utf8_lossy(&self.name[..end]).into_owned()
     }
 }
-
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
 
 /// Opens `/dev/net/tun` and attaches it to the TUN interface `name` (created if missing), as
 /// `IFF_TUN | IFF_NO_PI`, with `IFF_MULTI_QUEUE` when asked. Returns the descriptor and the
@@ -68,9 +75,9 @@ pub(crate) fn tun_open(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, St
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE as libc::c_short;
     }
-    req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    req.set_flags(flags);
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is (repr(C), 40 bytes).
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) })?;
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut req as *mut IfReq) })?;
     Ok((fd, req.name()))
 }
 
@@ -79,9 +86,8 @@ pub(crate) fn tun_open(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, St
 pub(crate) fn tun_info(fd: BorrowedFd<'_>) -> io::Result<(String, bool)> {
     let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
     // SAFETY: TUNGETIFF writes one `struct ifreq` into `req`; the descriptor is borrowed live.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), TUNGETIFF as _, &mut req as *mut IfReq) })?;
-    let flags = libc::c_short::from_ne_bytes([req.data[0], req.data[1]]);
-    Ok((req.name(), flags & libc::IFF_MULTI_QUEUE as libc::c_short != 0))
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF as _, &mut req as *mut IfReq) })?;
+    Ok((req.name(), req.flags() & libc::IFF_MULTI_QUEUE as libc::c_short != 0))
 }
 
 /// Receives one datagram into `buf` if one is queued, without blocking: `Ok(None)` if none.
@@ -95,36 +101,41 @@ pub(crate) fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<
     }
 }
 
-fn ifreq_ioctl(name: &str, request: libc::c_ulong, value: Option<libc::c_int>) -> io::Result<libc::c_int> {
+/// Runs one `SIOC[GS]IF*` request on interface `name`: `fill` sets the request's fields,
+/// and the kernel's answer comes back in the returned `ifreq`.
+fn ifreq_ioctl(name: &str, request: libc::c_ulong, fill: impl FnOnce(&mut IfReq)) -> io::Result<IfReq> {
     // SAFETY: socket has no memory preconditions.
     let sock = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `sock` was just returned by socket and is owned by nobody else.
     let sock = unsafe { OwnedFd::from_raw_fd(sock) };
     let mut req = IfReq::new(name)?;
-    if let Some(v) = value {
-        req.data[..4].copy_from_slice(&v.to_ne_bytes());
-    }
+    fill(&mut req);
     // SAFETY: the SIOC[GS]IF* requests used here read and write one `struct ifreq`.
     check(unsafe { libc::ioctl(sock.as_raw_fd(), request as _, &mut req as *mut IfReq) })?;
-    Ok(libc::c_int::from_ne_bytes(req.data[..4].try_into().expect("4 bytes")))
+    Ok(req)
+}
+
+/// `ifr_mtu`: an `int` at the start of the union.
+fn ifreq_int(req: &IfReq) -> libc::c_int {
+    libc::c_int::from_ne_bytes([req.data[0], req.data[1], req.data[2], req.data[3]])
 }
 
 /// Sets the MTU of interface `name`.
 pub(crate) fn set_mtu(name: &str, mtu: u32) -> io::Result<()> {
     let mtu = libc::c_int::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    ifreq_ioctl(name, libc::SIOCSIFMTU, Some(mtu)).map(|_| ())
+    ifreq_ioctl(name, libc::SIOCSIFMTU, |r| r.data[..4].copy_from_slice(&mtu.to_ne_bytes())).map(|_| ())
 }
 
 /// The MTU of interface `name`.
 pub(crate) fn mtu(name: &str) -> io::Result<u32> {
-    ifreq_ioctl(name, libc::SIOCGIFMTU, None).map(|m| m as u32)
+    ifreq_ioctl(name, libc::SIOCGIFMTU, |_| {}).map(|r| ifreq_int(&r) as u32)
 }
 
-/// Brings interface `name` up.
+/// Brings interface `name` up. The flags are a `short` (`ifr_flags`), read and written as
+/// one, so this holds on big-endian hosts too.
 pub(crate) fn set_up(name: &str) -> io::Result<()> {
-    let flags = ifreq_ioctl(name, libc::SIOCGIFFLAGS, None)? as libc::c_short;
-    let flags = flags | libc::IFF_UP as libc::c_short;
-    ifreq_ioctl(name, libc::SIOCSIFFLAGS, Some(libc::c_int::from(flags))).map(|_| ())
+    let flags = ifreq_ioctl(name, libc::SIOCGIFFLAGS, |_| {})?.flags();
+    ifreq_ioctl(name, libc::SIOCSIFFLAGS, |r| r.set_flags(flags | libc::IFF_UP as libc::c_short)).map(|_| ())
 }
 
 // ---- Descriptors -------------------------------------------------------------------------
@@ -141,11 +152,73 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
 
 /// Takes ownership of a descriptor number handed over by a parent process (WG_TUN_FD,
 /// WG_UAPI_FD), after checking that it is open.
-pub(crate) fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+///
+/// # Safety
+/// `fd` must be open and owned by no one else in this process (an inherited descriptor
+/// nothing else has wrapped): the returned `OwnedFd` closes it when dropped.
+pub(crate) unsafe fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: F_GETFD has no memory effects; it only tells whether `fd` is open.
     check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-    // SAFETY: the caller hands this descriptor over to us (inherited, used by no one else).
+    // SAFETY: the caller promises `fd` is owned by no one else (this function's contract).
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adopting inherited descriptors: `unsafe`, so it lives here; the safe way in is
+/// [`crate::take_inherited_fd`].
+impl crate::Tun {
+    /// Takes the descriptor number `fd`, inherited from a parent process. A program handed
+    /// the descriptor in an environment variable can use [`take_inherited_fd`](crate::take_inherited_fd) and
+    /// [`from_fd`](crate::Tun::from_fd) instead, without `unsafe`.
+    ///
+    /// # Safety
+    /// `fd` must be open and owned by nothing else in this process: the `Tun` closes it.
+    ///
+    /// ```compile_fail
+    /// // Not callable from safe code: any number could be turned into an owner (a double close).
+    /// let _ = sitelink_io::Tun::from_raw_inherited(3);
+    /// ```
+    pub unsafe fn from_raw_inherited(fd: RawFd) -> io::Result<crate::Tun> {
+        // SAFETY: the caller upholds `adopt_fd`'s contract, which is this function's.
+        crate::Tun::from_fd(unsafe { adopt_fd(fd) }?)
+    }
+}
+
+/// Takes ownership of descriptor `fd` inherited from a parent process, after checking that it
+/// is open. See [`take_inherited_fd`](crate::take_inherited_fd) for the safe way to take one named by an environment
+/// variable.
+///
+/// # Safety
+/// `fd` must be open and owned by nothing else in this process: the returned `OwnedFd`
+/// closes it.
+///
+/// ```compile_fail
+/// // Not callable from safe code: any number could be turned into an owner (a double close).
+/// let _ = sitelink_io::adopt_inherited_fd(3);
+/// ```
+pub unsafe fn adopt_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: the caller upholds `adopt_fd`'s contract, which is this function's.
+    unsafe { adopt_fd(fd) }
+}
+
+/// Takes the descriptor number `value`, handed over in environment variable `var`, once per
+/// variable and process: the registry of variables taken makes a second take an error, so
+/// this safe function cannot create two owners of one inherited descriptor.
+pub(crate) fn take_numbered_fd(var: &str, value: &str) -> io::Result<OwnedFd> {
+    static TAKEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("{var}={value:?}: {why}"));
+    let fd: RawFd = value.trim().parse().map_err(|_| invalid("not a descriptor number"))?;
+    if fd < 0 {
+        return Err(invalid("not a descriptor number"));
+    }
+    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if taken.iter().any(|v| v == var) {
+        return Err(invalid("already taken"));
+    }
+    // SAFETY: the variable names a descriptor the parent handed to this process for this use,
+    // and it is taken once (the registry above); no safe code can set the variable later.
+    let owned = unsafe { adopt_fd(fd) }?;
+    taken.push(var.to_owned());
+    Ok(owned)
 }
 
 /// One `read(2)` into `buf`.
@@ -712,4 +785,25 @@ pub(crate) fn errno_name(errno: i32) -> String {
     // SAFETY: strerror returns a pointer to a NUL-terminated static or thread-local string.
     let s = unsafe { CStr::from_ptr(libc::strerror(errno)) };
     s.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    #[test]
+    fn an_inherited_descriptor_is_taken_once() {
+        // A descriptor nothing owns, as one inherited from a parent would be.
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let fd = reader.into_raw_fd();
+        let var = "SITELINK_TEST_ADOPT_ONCE";
+        let owned = take_numbered_fd(var, &fd.to_string()).unwrap();
+        assert_eq!(owned.as_raw_fd(), fd);
+        let again = take_numbered_fd(var, &fd.to_string()).unwrap_err();
+        assert!(again.to_string().contains("already taken"), "{again}");
+        drop(owned);
+        assert!(take_numbered_fd("SITELINK_TEST_ADOPT_BAD", "x").is_err());
+        assert!(take_numbered_fd("SITELINK_TEST_ADOPT_NEG", "-1").is_err());
+    }
 }

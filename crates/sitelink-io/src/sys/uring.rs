@@ -110,25 +110,47 @@ struct BufRing {
     entries: u16,
     layout: Layout,
     tail: u16,
+    /// Set when the memory must outlive us (the kernel may still read it): never freed.
+    leaked: bool,
+}
+
+/// The page size, which the buffer ring must be aligned to.
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096)
 }
 
 impl BufRing {
     fn new(entries: u16) -> io::Result<BufRing> {
-        let layout = Layout::from_size_align(entries as usize * size_of::<BufRingEntry>(), 4096)
+        // The kernel masks ring indices with `entries - 1`, and so does `push`.
+        if !entries.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "buffer ring entries must be a power of two",
+            ));
+        }
+        let layout = Layout::from_size_align(entries as usize * size_of::<BufRingEntry>(), page_size())
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: the layout has a non-zero size (entries > 0).
         let base = unsafe { alloc_zeroed(layout) }.cast::<BufRingEntry>();
         if base.is_null() {
             return Err(io::Error::from(io::ErrorKind::OutOfMemory));
         }
-        Ok(BufRing { base, entries, layout, tail: 0 })
+        Ok(BufRing { base, entries, layout, tail: 0, leaked: false })
     }
 
-    /// Writes an entry at the tail (not yet visible to the kernel: see [`publish`]).
+    /// Writes an entry at the tail (not yet visible to the kernel: see [`publish`]). The
+    /// caller lends at most `entries` buffers at once ([`Provided`] has `entries` ids and
+    /// pushes only an id it holds), so fewer than `entries` entries are in the kernel's window
+    /// whenever one is pushed.
     fn push(&mut self, addr: *mut u8, len: usize, bid: u16) {
         let index = (self.tail & (self.entries - 1)) as usize;
-        // SAFETY: `index < entries`, so the entry lies inside the allocation; the kernel only
-        // reads entries between its head and the published tail, which excludes this one.
+        // SAFETY: `index < entries`, so the entry lies inside the allocation. The kernel only
+        // reads entries between its head and the published tail; that window holds the ids
+        // lent and not yet consumed, and `bid` is not among them (Provided pushes only ids it
+        // got back), so it holds fewer than `entries` entries and the one at the tail is
+        // outside it.
         let entry = unsafe { &mut *self.base.add(index) };
         entry.set_addr(addr as u64);
         entry.set_len(len.min(u32::MAX as usize) as u32);
@@ -150,7 +172,11 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout; the ring (the only other user) is gone.
+        if self.leaked {
+            return;
+        }
+        // SAFETY: allocated in `new` with this layout; the ring (the only other user) is gone
+        // and drained (else `leaked` is set).
         unsafe { dealloc(self.base.cast(), self.layout) }
     }
 }
@@ -201,6 +227,13 @@ impl Provided {
             self.ring.publish();
         }
         Ok(())
+    }
+
+    /// Gives up the ring and every buffer lent, never to be freed: the kernel may still write
+    /// into them (see `UringIo`'s `Drop`).
+    fn leak(&mut self) {
+        self.ring.leaked = true;
+        std::mem::forget(std::mem::take(&mut self.bufs));
     }
 
     /// Takes back the buffer the kernel filled; its id is queued for a fresh one.
@@ -262,6 +295,9 @@ pub struct UringIo {
     /// Sockets no longer wanted whose receive is being cancelled: each is closed when its
     /// last completion is reaped, so that no request in flight meets a reused descriptor.
     closing: Vec<PeerSocket>,
+    /// Peer sockets let go before the ring was enabled: queued sends may name their
+    /// descriptors, so they close only after the first submission has taken those in.
+    close_after_first_submit: Vec<PeerSocket>,
     /// Peer sockets (ids) whose sends failed because the socket went stale.
     stale: Vec<u32>,
     /// The waker fired since the last `wait` returned.
@@ -307,10 +343,10 @@ impl std::fmt::Debug for UringIo {
 impl UringIo {
     /// A backend over `packets` and `udp` moving up to `batch` items per turn.
     pub fn new(packets: PacketFd, udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
-        // Non-blocking, watched by a multishot poll: reads are issued only when the device is
-        // readable and complete inline at submission. (A blocking descriptor would park one
-        // kernel worker thread in each in-flight read, and every packet would cost a wake-up
-        // of one of them before ours.)
+        // Non-blocking: the ring reads it with a multishot read, which the kernel then serves
+        // as packets arrive (on a blocking descriptor each read would park a kernel worker
+        // thread, and every packet would cost a wake-up of one of them before ours); readiness
+        // mode reads it with plain calls after epoll says it is readable.
         super::set_nonblocking(packets.as_fd(), true)?;
         let entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u32;
         // The ring is built disabled and enabled by the first `wait`, on the worker thread
@@ -340,8 +376,9 @@ impl UringIo {
         let udp_bufs = Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?;
         let tun_bufs = Provided::new(ring_entries, BGID_TUN, 0, DEFAULT_TAILROOM)?;
         for p in [&udp_bufs, &tun_bufs] {
-            // SAFETY: the entries stay allocated (owned by `p`, a field of the backend) until
-            // the ring is dropped, which happens first (field order).
+            // SAFETY: the entries stay allocated (owned by `p`, a field of the backend) for the
+            // backend's life, and past it if the kernel may still use them: `Drop` drains
+            // every request before the ring closes (first, by field order), or leaks them.
             unsafe {
                 ring.submitter().register_buf_ring_with_flags(p.ring.base as u64, ring_entries, p.bgid, 0)?
             };
@@ -376,6 +413,7 @@ impl UringIo {
             stats: IoStats::default(),
             peers: PeerSockets::new(),
             closing: Vec::new(),
+            close_after_first_submit: Vec::new(),
             stale: Vec::with_capacity(crate::MAX_CONNECTED_PEERS),
             woken: false,
             queued_inline: 0,
@@ -677,6 +715,10 @@ impl PacketIo for UringIo {
         if !self.enabled {
             self.ring.submitter().register_enable_rings()?;
             self.enabled = true;
+            if !self.close_after_first_submit.is_empty() {
+                self.submit(0)?;
+                self.close_after_first_submit.clear();
+            }
         }
         if self.idle {
             return self.wait_idle(timeout);
@@ -1081,6 +1123,11 @@ impl UringIo {
             if self.closing[i].flag {
                 self.cancel(ud(UDP_RECV, self.closing[i].id as usize))?;
                 i += 1;
+            } else if !self.enabled {
+                // Nothing queued has gone in yet: keep the descriptor until it has, so that
+                // no queued send meets a closed or reused descriptor number.
+                let socket = self.closing.swap_remove(i);
+                self.close_after_first_submit.push(socket);
             } else {
                 drop(self.closing.swap_remove(i));
             }
@@ -1109,15 +1156,26 @@ impl UringIo {
     }
 }
 
+/// Backends dropped with requests still in flight, whose memory was leaked (see `Drop`).
+pub(crate) static DROPS_LEAKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Drop for UringIo {
     /// Cancels every request in flight and waits (up to a second) for their completions, then
     /// releases the registered files: when this returns, the kernel holds no buffer of ours
     /// and no reference to the TUN device, so a restarted daemon can attach to it at once.
+    ///
+    /// If draining does not finish (the cancel cannot be queued, `enter` fails, as it does
+    /// with EEXIST on a thread other than the one that enabled a single-issuer ring, or the
+    /// second runs out), the kernel may still write into our buffers and read our message
+    /// headers after the ring closes: then they are leaked, never freed, and the leak is
+    /// logged and counted.
     fn drop(&mut self) {
         let cancel =
             opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any()).build().user_data(ud(CANCEL, 0));
+        // A ring never enabled never took a request in: nothing is in flight.
+        let mut drained = !self.enabled;
         // SAFETY: a cancel request carries no buffers.
-        if unsafe { self.push(&cancel) }.is_ok() {
+        if self.enabled && unsafe { self.push(&cancel) }.is_ok() {
             let deadline = std::time::Instant::now() + Duration::from_secs(1);
             while self.outstanding() > 0 && std::time::Instant::now() < deadline {
                 let ts = Timespec::from(Duration::from_millis(50));
@@ -1129,6 +1187,23 @@ impl Drop for UringIo {
                 }
                 self.reap();
             }
+            drained = self.outstanding() == 0;
+        }
+        if !drained {
+            tracing::error!(
+                in_flight = self.outstanding(),
+                "io_uring requests still in flight as the backend closes: leaking their memory"
+            );
+            self.udp_bufs.leak();
+            self.tun_bufs.leak();
+            std::mem::forget(std::mem::take(&mut self.sends));
+            std::mem::forget(std::mem::take(&mut self.tun_writes));
+            std::mem::forget(std::mem::take(&mut self.closing));
+            // SAFETY: msghdr is plain data, for which all zeros (null pointers, zero lengths)
+            // is a valid value.
+            let blank = Box::new(unsafe { zeroed::<libc::msghdr>() });
+            std::mem::forget(std::mem::replace(&mut self.recv_msghdr, blank));
+            DROPS_LEAKED.fetch_add(1, Ordering::Relaxed);
         }
         let _ = self.ring.submitter().unregister_files();
     }
