@@ -544,26 +544,10 @@ pub fn is_root() -> bool {
     sys::is_root()
 }
 
-/// The system's text for an errno value.
-pub fn errno_text(errno: i32) -> String {
-    sys::errno_name(errno)
-}
-
 /// Whether an error from the TUN side means the device is gone (the interface was deleted),
 /// so that a worker stops instead of retrying forever.
 pub fn is_device_gone(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EBADFD) | Some(libc::ENXIO) | Some(libc::ENODEV))
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and the threads it starts afterwards, so
-/// that [`wait_termination_signal`] receives them. Call it first thing in `main`.
-pub fn block_termination_signals() -> io::Result<()> {
-    sys::block_termination_signals()
-}
-
-/// Waits up to `timeout` for SIGINT, SIGTERM or SIGHUP; returns the signal number.
-pub fn wait_termination_signal(timeout: Duration) -> Option<i32> {
-    sys::wait_signal(timeout)
 }
 
 /// Takes the descriptor a parent process handed over in environment variable `var` (such as

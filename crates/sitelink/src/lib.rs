@@ -32,7 +32,7 @@ mod worker;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -239,6 +239,8 @@ impl LinkBuilder {
             help: help::HelpDesk::new(ios.len()),
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
+            finished: Mutex::new(0),
+            finished_changed: Condvar::new(),
             inject_panic: AtomicBool::new(false),
             keyed: AtomicBool::new(self.keyed),
             port: AtomicU16::new(port),
@@ -299,6 +301,9 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     /// Why the link stopped on its own, if a worker failed (see [`Link::failure`]).
     pub(crate) failure: Mutex<Option<String>>,
+    /// Workers that have returned, for [`Link::wait_stopped`] (with its condition variable).
+    pub(crate) finished: Mutex<usize>,
+    pub(crate) finished_changed: Condvar,
     /// Test hook: the next worker turn panics (see [`Link::inject_worker_panic`]).
     pub(crate) inject_panic: AtomicBool,
     pub(crate) keyed: AtomicBool,
@@ -527,6 +532,35 @@ impl Link {
     /// error: one worker's stop stops them all).
     pub fn is_stopped(&self) -> bool {
         lock(&self.threads).iter().all(|t| t.is_finished())
+    }
+
+    /// Blocks until the link has stopped, whatever stopped it ([`shutdown`](Self::shutdown)
+    /// from another thread, the TUN device gone, a worker failing; see
+    /// [`failure`](Self::failure)), or until `timeout` passes. Returns whether it stopped. A
+    /// program that runs a link until told otherwise waits here rather than polling.
+    pub fn wait_stopped(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut finished = lock(&self.shared.finished);
+        loop {
+            // A failed link counts as stopped at once: a worker may still be unwinding.
+            if *finished >= self.shared.workers.len() || lock(&self.shared.failure).is_some() {
+                return true;
+            }
+            finished = match deadline {
+                None => self.shared.finished_changed.wait(finished).unwrap_or_else(PoisonError::into_inner),
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    self.shared
+                        .finished_changed
+                        .wait_timeout(finished, left)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
     }
 
     /// Why the link stopped by itself, if it did because a worker failed: a worker that

@@ -64,6 +64,8 @@ pub(crate) fn run_guarded(shared: Arc<Shared>, index: usize, io: Box<dyn PacketI
         lock(&shared.failure).get_or_insert(failure);
         shared.stop_all();
     }
+    *lock(&shared.finished) += 1;
+    shared.finished_changed.notify_all();
 }
 
 fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPool) {

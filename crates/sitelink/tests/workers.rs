@@ -218,3 +218,23 @@ fn a_panicking_worker_stops_the_whole_link_loudly() {
         assert!(b.is_stopped() && b.failure().is_none());
     }
 }
+
+#[test]
+fn wait_stopped_returns_when_the_link_stops() {
+    let ((a, _pa), (b, _pb)) = pair(BackendKind::Mmsg, 2);
+    assert!(!a.wait_stopped(Some(Duration::from_millis(20))), "a running link is not stopped");
+    let a = Arc::new(a);
+    let stopper = {
+        let a = Arc::clone(&a);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            a.shutdown();
+        })
+    };
+    assert!(a.wait_stopped(Some(Duration::from_secs(5))), "shutdown from another thread ends the wait");
+    stopper.join().unwrap();
+    assert!(a.is_stopped() && a.failure().is_none());
+    b.inject_worker_panic();
+    assert!(b.wait_stopped(Some(Duration::from_secs(5))), "a failure ends the wait");
+    assert!(b.failure().is_some());
+}

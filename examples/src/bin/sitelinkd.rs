@@ -10,6 +10,7 @@
 //! sets the log level; logs go to standard error in the foreground, and to the file named by
 //! `SITELINK_LOG_FILE` (else nowhere) when daemonized.
 
+use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
@@ -17,7 +18,35 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use sitelink::{BackendKind, LinkBuilder, Tun, uapi};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use sitelink::{BackendKind, LinkBuilder, LinkError, Tun, uapi};
+
+/// Why sitelinkd could not start, or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+enum DaemonError {
+    /// A descriptor handed over in WG_TUN_FD or WG_UAPI_FD could not be taken.
+    #[error("{0}")]
+    InheritedFd(io::Error),
+    /// The TUN interface could not be created or set up.
+    #[error("{what} {name}: {source}")]
+    Tun { what: &'static str, name: String, source: io::Error },
+    /// The UAPI socket could not be created or served.
+    #[error("{what} {path}: {source}")]
+    Uapi { what: &'static str, path: String, source: io::Error },
+    /// The configuration file could not be read or applied.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    /// The link could not start.
+    #[error("starting the link: {0}")]
+    Link(#[from] LinkError),
+    /// Signal handlers could not be installed.
+    #[error("watching for signals: {0}")]
+    Signals(io::Error),
+    /// A worker failed and stopped the link (see `Link::failure`).
+    #[error("the link failed: {0}")]
+    Failed(String),
+}
 
 /// A userspace WireGuard built on sitelink.
 #[derive(Parser, Debug)]
@@ -74,7 +103,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Starts a detached copy of this program in the foreground mode, waits until it serves the
+/// Starts a detached copy of this program in the foreground mode, with the arguments we were
+/// given (so every flag reaches it without being listed twice), waits until it serves the
 /// UAPI socket (or dies), and exits: wg-quick sees the socket as soon as we return.
 fn daemonize(args: &Args) -> ExitCode {
     use std::os::unix::process::CommandExt;
@@ -87,16 +117,7 @@ fn daemonize(args: &Args) -> ExitCode {
     };
     let mut child = match Command::new(exe)
         .arg("--foreground")
-        .arg("--backend")
-        .arg(args.backend.name())
-        .arg("--mtu")
-        .arg(args.mtu.to_string())
-        .arg("--workers")
-        .arg(args.workers.to_string())
-        .args(args.time_scale.map(|f| format!("--time-scale={f}")))
-        .args(args.test_worker_panic_after.map(|s| format!("--test-worker-panic-after={s}")))
-        .args(args.config.iter().flat_map(|c| [std::ffi::OsString::from("--config"), c.clone().into()]))
-        .arg(&args.ifname)
+        .args(std::env::args_os().skip(1))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         // The detached daemon must not hold the caller's descriptors open (whoever reads our
@@ -147,26 +168,43 @@ impl Drop for SocketFile {
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
-    sitelink_io::block_termination_signals().map_err(|e| format!("blocking signals: {e}"))?;
-    let tun = match sitelink_io::take_inherited_fd("WG_TUN_FD").map_err(|e| e.to_string())? {
-        Some(fd) => Tun::from_fd(fd).map_err(|e| format!("WG_TUN_FD: {e}"))?,
+fn run(args: &Args) -> Result<(), DaemonError> {
+    // SIGINT, SIGTERM and SIGHUP stop the daemon cleanly; installed before anything starts.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(DaemonError::Signals)?;
+    let tun = match sitelink_io::take_inherited_fd("WG_TUN_FD").map_err(DaemonError::InheritedFd)? {
+        Some(fd) => Tun::from_fd(fd).map_err(|source| DaemonError::Tun {
+            what: "taking",
+            name: "WG_TUN_FD".into(),
+            source,
+        })?,
         None => {
-            let tun = open_tun(&args.ifname, args.workers > 1)
-                .map_err(|e| format!("creating TUN {}: {e}", args.ifname))?;
-            tun.set_mtu(args.mtu).map_err(|e| format!("setting the MTU of {}: {e}", tun.name()))?;
+            let name = args.ifname.clone();
+            let tun = open_tun(&name, args.workers > 1).map_err(|source| DaemonError::Tun {
+                what: "creating TUN",
+                name: name.clone(),
+                source,
+            })?;
+            tun.set_mtu(args.mtu).map_err(|source| DaemonError::Tun {
+                what: "setting the MTU of",
+                name,
+                source,
+            })?;
             tun
         }
     };
     let ifname = tun.name().to_owned();
     let mtu = tun.mtu().unwrap_or(args.mtu) as usize;
     let (listener, socket_file) =
-        match sitelink_io::take_inherited_fd("WG_UAPI_FD").map_err(|e| e.to_string())? {
+        match sitelink_io::take_inherited_fd("WG_UAPI_FD").map_err(DaemonError::InheritedFd)? {
             // The parent handed this listening socket over to us.
             Some(fd) => (UnixListener::from(fd), SocketFile(None)),
             None => {
                 let path = uapi::socket_path(&ifname);
-                let l = uapi::bind(&path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+                let l = uapi::bind(&path).map_err(|source| DaemonError::Uapi {
+                    what: "creating",
+                    path: path.display().to_string(),
+                    source,
+                })?;
                 (l, SocketFile(Some(path)))
             }
         };
@@ -176,7 +214,7 @@ fn run(args: &Args) -> Result<(), String> {
         tracing::warn!(factor = f, "protocol timers scaled for testing");
         builder = builder.timing(sitelink::Timing::scaled(f));
     }
-    let link = builder.start_tun(tun).map_err(|e| format!("starting the link: {e}"))?;
+    let link = builder.start_tun(tun)?;
     if let Some(path) = &args.config {
         apply_config(&link, path)?;
     }
@@ -188,7 +226,11 @@ fn run(args: &Args) -> Result<(), String> {
         "sitelinkd running"
     );
     let link = Arc::new(link);
-    uapi::serve(Arc::clone(&link), listener).map_err(|e| format!("starting the UAPI server: {e}"))?;
+    uapi::serve(Arc::clone(&link), listener).map_err(|source| DaemonError::Uapi {
+        what: "serving",
+        path: ifname.clone(),
+        source,
+    })?;
     if let Some(secs) = args.test_worker_panic_after {
         tracing::warn!(after_seconds = secs, "a worker panic will be injected (test)");
         let link = Arc::clone(&link);
@@ -197,20 +239,30 @@ fn run(args: &Args) -> Result<(), String> {
             link.inject_worker_panic();
         });
     }
-    loop {
-        if let Some(sig) = sitelink_io::wait_termination_signal(Duration::from_millis(500)) {
-            tracing::info!(signal = sig, "stopping");
-            break;
-        }
-        // A failed worker stopped the link: exit non-zero so that a supervisor restarts us.
-        // (Checked before `is_stopped`, which a worker blocked on the failed one may delay.)
-        if let Some(failure) = link.failure() {
-            return Err(format!("the link failed: {failure}"));
-        }
-        if link.is_stopped() {
-            tracing::info!("the link stopped");
-            break;
-        }
+    // A signal stops the link; the main thread waits for the link to stop, whatever the cause
+    // (a signal, the interface deleted, a worker failing). Nothing polls.
+    let signals_handle = signals.handle();
+    let on_signal = {
+        let link = Arc::clone(&link);
+        std::thread::Builder::new().name("sitelinkd-signals".into()).spawn(move || {
+            let signal = signals.forever().next();
+            if let Some(signal) = signal {
+                tracing::info!(signal, "stopping");
+                link.shutdown();
+            }
+            signal
+        })
+    }
+    .map_err(DaemonError::Signals)?;
+    link.wait_stopped(None);
+    // A failed worker stopped the link: exit non-zero so that a supervisor restarts us, at
+    // once (a worker waiting on the failed one may never return to be joined).
+    if let Some(failure) = link.failure() {
+        return Err(DaemonError::Failed(failure));
+    }
+    signals_handle.close();
+    if on_signal.join().ok().flatten().is_none() {
+        tracing::info!("the link stopped");
     }
     link.shutdown();
     let stats = link.stats();
@@ -230,8 +282,9 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 /// Configures `link` from a wg-quick style file.
-fn apply_config(link: &sitelink::Link, path: &std::path::Path) -> Result<(), String> {
-    let (config, warnings) = sitelink::conf::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn apply_config(link: &sitelink::Link, path: &std::path::Path) -> Result<(), DaemonError> {
+    let failed = |message: String| DaemonError::Config { path: path.to_owned(), message };
+    let (config, warnings) = sitelink::conf::load(path).map_err(|e| failed(e.to_string()))?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -240,13 +293,13 @@ fn apply_config(link: &sitelink::Link, path: &std::path::Path) -> Result<(), Str
         link.set_private_key(key);
     }
     if let Some(port) = ifc.listen_port {
-        link.set_listen_port(port).map_err(|e| format!("ListenPort {port}: {e}"))?;
+        link.set_listen_port(port).map_err(|e| failed(format!("ListenPort {port}: {e}")))?;
     }
     if let Some(mark) = ifc.fwmark {
         link.set_fwmark(mark);
     }
     for peer in config.peers {
-        link.set_peer(peer).map_err(|e| format!("{}: {e}", path.display()))?;
+        link.set_peer(peer).map_err(|e| failed(e.to_string()))?;
     }
     Ok(())
 }

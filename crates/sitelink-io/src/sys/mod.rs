@@ -3,7 +3,6 @@
 //! Each `unsafe` block says why it is sound. Functions here take and return safe types
 //! (`OwnedFd`, slices, `SocketAddr`) so that the rest of the crate holds no `unsafe`.
 
-use std::ffi::CStr;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -745,46 +744,6 @@ impl AsFdBorrow for OwnedFd {
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// The set {SIGINT, SIGTERM, SIGHUP}.
-fn termination_sigset() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain old data and sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { zeroed() };
-    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGHUP);
-    }
-    set
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and the threads it starts after),
-/// so that [`wait_signal`] can take them synchronously.
-pub(crate) fn block_termination_signals() -> io::Result<()> {
-    let set = termination_sigset();
-    // SAFETY: `set` is initialised; the old mask is not wanted (null).
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 { Err(io::Error::from_raw_os_error(r)) } else { Ok(()) }
-}
-
-/// Waits up to `timeout` for one of the signals [`block_termination_signals`] blocked.
-pub(crate) fn wait_signal(timeout: Duration) -> Option<i32> {
-    let set = termination_sigset();
-    let ts =
-        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
-    // SAFETY: `set` and `ts` are initialised and live for the call; no siginfo is wanted.
-    let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
-    (r > 0).then_some(r)
-}
-
-/// `strerror` for an errno value, for messages.
-pub(crate) fn errno_name(errno: i32) -> String {
-    // SAFETY: strerror returns a pointer to a NUL-terminated static or thread-local string.
-    let s = unsafe { CStr::from_ptr(libc::strerror(errno)) };
-    s.to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
