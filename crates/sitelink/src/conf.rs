@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::uapi::{parse_endpoint, resolve_endpoint};
+use crate::parse::{parse_endpoint, resolve_endpoint, shown_key};
 use crate::{IpNet, LinkBuilder, PeerConfig, PresharedKey, PrivateKey, PublicKey};
 
 /// A configuration error, with the 1-based line it was found on.
@@ -103,16 +103,6 @@ pub fn parse(text: &str) -> Result<Config, ConfError> {
 /// Parses a wg-quick style file, resolving endpoint host names through the system resolver.
 pub fn parse_resolving(text: &str) -> Result<Config, ConfError> {
     parse_with(text, true)
-}
-
-/// A key name as an error message may show it: the name itself when it looks like one (short,
-/// letters, digits, `_`, `-`, brackets), else a placeholder. A line that is not `Key = Value`
-/// (a key pasted on its own, `PrivateKey` without its `=`, whose base64 then ends at the
-/// key's own padding) must not put key material into a log.
-pub(crate) fn shown_key(key: &str) -> String {
-    let plain = key.len() <= 32
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '[' | ']'));
-    if plain { key.to_owned() } else { format!("(a {}-character name, not shown)", key.chars().count()) }
 }
 
 fn parse_with(text: &str, resolve: bool) -> Result<Config, ConfError> {

@@ -23,19 +23,23 @@
 //! [`Link::set_listen_port`], ...); [`uapi`] serves the same changes to the stock `wg` tool,
 //! and [`conf`] reads wg-quick style files.
 
+mod change;
 pub mod conf;
-mod help;
+mod open_sharing;
+mod parse;
 mod rand;
+mod sync;
 pub mod uapi;
 mod worker;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use change::{PeerChange, SetRequest};
 pub use rand::OsRandom;
 pub use sitelink_io::{BackendKind, IoStats, PacketPipe, Tun};
 pub use sitelink_proto::{
@@ -43,8 +47,11 @@ pub use sitelink_proto::{
     Timing,
 };
 
-use sitelink_io::{UdpConfig, UdpSocket, Waker};
-use sitelink_proto::Device;
+use sitelink_io::{UdpConfig, UdpSocket};
+use sitelink_proto::{Device, DeviceError};
+
+use crate::sync::lock;
+use crate::worker::{Shared, WorkerSlot};
 
 /// Errors of starting or reconfiguring a link.
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +66,12 @@ pub enum LinkError {
         #[source]
         source: io::Error,
     },
-    /// A peer cannot have the link's own public key.
-    #[error("a peer cannot have the link's own public key")]
-    OwnPublicKey,
     /// No peer has this public key.
     #[error("no such peer")]
     NoSuchPeer,
+    /// The engine refused a change (a peer with the link's own public key, ...).
+    #[error(transparent)]
+    Device(#[from] DeviceError),
 }
 
 impl LinkError {
@@ -230,13 +237,13 @@ impl LinkBuilder {
         let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let mut device = Device::new(self.device, Box::new(OsRandom), now, unix);
         for peer in self.peers {
-            device.upsert_peer(now, peer).map_err(|_| LinkError::OwnPublicKey)?;
+            device.upsert_peer(now, peer)?;
         }
         let shared = Arc::new(Shared {
             device: Mutex::new(device),
             workers: ios.iter().map(|_| WorkerSlot::default()).collect(),
             wakers: ios.iter().map(|io| io.waker()).collect(),
-            help: help::HelpDesk::new(ios.len()),
+            open_sharing: open_sharing::OpenSharing::new(ios.len()),
             stop: AtomicBool::new(false),
             failure: Mutex::new(None),
             finished: Mutex::new(0),
@@ -245,7 +252,7 @@ impl LinkBuilder {
             keyed: AtomicBool::new(self.keyed),
             port: AtomicU16::new(port),
             fwmark: AtomicU32::new(self.udp.fwmark),
-            udp: Mutex::new(udp_config),
+            udp: udp_config,
         });
         let mut threads = Vec::with_capacity(ios.len());
         for (index, io) in ios.into_iter().enumerate() {
@@ -287,56 +294,6 @@ fn bind_sockets(mut config: UdpConfig, n: usize) -> Result<Vec<UdpSocket>, LinkE
         sockets.push(socket);
     }
     Ok(sockets)
-}
-
-/// State shared by the workers and the control side.
-pub(crate) struct Shared {
-    pub(crate) device: Mutex<Device>,
-    /// One slot per worker, in worker order.
-    pub(crate) workers: Vec<WorkerSlot>,
-    /// Wakes each worker, in worker order.
-    pub(crate) wakers: Vec<Waker>,
-    /// Where workers share large batches of opens.
-    pub(crate) help: help::HelpDesk,
-    pub(crate) stop: AtomicBool,
-    /// Why the link stopped on its own, if a worker failed (see [`Link::failure`]).
-    pub(crate) failure: Mutex<Option<String>>,
-    /// Workers that have returned, for [`Link::wait_stopped`] (with its condition variable).
-    pub(crate) finished: Mutex<usize>,
-    pub(crate) finished_changed: Condvar,
-    /// Test hook: the next worker turn panics (see [`Link::inject_worker_panic`]).
-    pub(crate) inject_panic: AtomicBool,
-    pub(crate) keyed: AtomicBool,
-    pub(crate) port: AtomicU16,
-    pub(crate) fwmark: AtomicU32,
-    udp: Mutex<UdpConfig>,
-}
-
-impl Shared {
-    pub(crate) fn wake_all(&self) {
-        self.wakers.iter().for_each(Waker::wake);
-    }
-
-    /// Tells every worker to stop.
-    pub(crate) fn stop_all(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.wake_all();
-    }
-}
-
-/// What the control side hands one worker, and what the worker reports back.
-#[derive(Default)]
-pub(crate) struct WorkerSlot {
-    /// A socket on a new listen port, for the worker to switch to.
-    pub(crate) pending_socket: Mutex<Option<UdpSocket>>,
-    /// The worker's I/O counters as of its last turn.
-    pub(crate) io_stats: Mutex<IoStats>,
-    /// Buffers the worker's pool has allocated over its life, as of its last turn.
-    pub(crate) buffers_allocated: std::sync::atomic::AtomicU64,
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A running link. Dropping it stops the workers.
@@ -451,7 +408,7 @@ impl Link {
             device: dev.stats().clone(),
             io,
             io_per_worker,
-            opens_shared: self.shared.help.opens_shared.load(Ordering::Relaxed),
+            opens_shared: self.shared.open_sharing.opens_shared.load(Ordering::Relaxed),
             peers: snapshot_peers(&dev),
         }
     }
@@ -470,17 +427,51 @@ impl Link {
     /// Adds a peer or replaces the configuration of the peer with the same public key;
     /// sessions in progress survive.
     pub fn set_peer(&self, peer: PeerConfig) -> Result<(), LinkError> {
-        self.with_device(|dev, now| {
-            dev.upsert_peer(now, peer).map(|_| ()).map_err(|_| LinkError::OwnPublicKey)
-        })
+        self.with_device(|dev, now| dev.upsert_peer(now, peer).map(|_| ()).map_err(LinkError::from))
     }
 
     /// Removes a peer.
     pub fn remove_peer(&self, key: &PublicKey) -> Result<(), LinkError> {
         self.with_device(|dev, _| {
             let pid = dev.peer_by_key(key).ok_or(LinkError::NoSuchPeer)?;
-            dev.remove_peer(pid).map_err(|_| LinkError::NoSuchPeer)
+            dev.remove_peer(pid).map_err(LinkError::from)
         })
+    }
+
+    /// Applies a configuration change in order, as `wg set` and `wg syncconf` send it: the
+    /// listen port, the fwmark, the private key, then the peers (all removed first with
+    /// `replace_peers`). Values equal to those in force change nothing, so an unchanged
+    /// reload keeps every session. A peer with the link's own public key is ignored, as
+    /// wireguard-go does. Stops at the first failure, with what came before it applied.
+    pub fn apply(&self, change: SetRequest) -> Result<(), LinkError> {
+        if let Some(port) = change.listen_port {
+            self.set_listen_port(port)?;
+        }
+        if let Some(mark) = change.fwmark {
+            self.set_fwmark(mark);
+        }
+        if let Some(key) = change.private_key {
+            self.set_private_key(key);
+        }
+        self.with_device(|dev, now| {
+            if change.replace_peers {
+                dev.clear_peers();
+            }
+            for peer in change.peers {
+                apply_peer_change(dev, now, peer)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The private key, if one has been configured (see [`LinkBuilder::unkeyed`]).
+    pub fn private_key(&self) -> Option<PrivateKey> {
+        self.has_private_key().then(|| lock(&self.shared.device).config().private_key.clone())
+    }
+
+    /// A snapshot of every peer: keys, endpoint, allowed IPs, counters.
+    pub fn peers(&self) -> Vec<PeerSnapshot> {
+        snapshot_peers(&lock(&self.shared.device))
     }
 
     /// Replaces the private key (every peer handshakes again).
@@ -500,11 +491,9 @@ impl Link {
         if port != 0 && port == self.port() {
             return Ok(port);
         }
-        let mut config = *lock(&self.shared.udp);
-        config.port = port;
+        let config = UdpConfig { port, fwmark: self.fwmark(), ..self.shared.udp };
         let sockets = bind_sockets(config, self.shared.workers.len())?;
         let bound = sockets[0].port();
-        lock(&self.shared.udp).port = bound;
         for (slot, socket) in self.shared.workers.iter().zip(sockets) {
             *lock(&slot.pending_socket) = Some(socket);
         }
@@ -515,7 +504,6 @@ impl Link {
 
     /// Sets `SO_MARK` on the link's socket (0 clears it).
     pub fn set_fwmark(&self, mark: u32) {
-        lock(&self.shared.udp).fwmark = mark;
         self.shared.fwmark.store(mark, Ordering::Relaxed);
         self.wake_all();
     }
@@ -599,4 +587,44 @@ pub(crate) fn snapshot_peers(dev: &Device) -> Vec<PeerSnapshot> {
             stats: p.stats().clone(),
         })
         .collect()
+}
+
+/// One peer's part of [`Link::apply`].
+fn apply_peer_change(dev: &mut Device, now: Instant, change: PeerChange) -> Result<(), LinkError> {
+    let existing = dev.peer_by_key(&change.public_key);
+    if change.remove {
+        if let Some(pid) = existing {
+            dev.remove_peer(pid)?;
+        }
+        return Ok(());
+    }
+    let pid = match existing {
+        Some(pid) => pid,
+        None if change.update_only => return Ok(()),
+        None => match dev.upsert_peer(now, PeerConfig::new(change.public_key)) {
+            Ok(pid) => pid,
+            Err(DeviceError::OwnPublicKey) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    if let Some(psk) = change.preshared_key {
+        dev.set_preshared_key(pid, psk)?;
+    }
+    if let Some(ep) = change.endpoint {
+        dev.set_endpoint(pid, ep)?;
+    }
+    if let Some(secs) = change.persistent_keepalive {
+        dev.set_persistent_keepalive(now, pid, Some(Duration::from_secs(secs.into())))?;
+    }
+    if change.replace_allowed_ips {
+        dev.set_allowed_ips(pid, &change.allowed_ips)?;
+    } else {
+        for net in &change.removed_allowed_ips {
+            dev.remove_allowed_ip(pid, *net)?;
+        }
+        for net in &change.allowed_ips {
+            dev.add_allowed_ip(pid, *net)?;
+        }
+    }
+    Ok(())
 }

@@ -6,13 +6,15 @@
 //! [`apply_set`] applies it; [`format_get`] answers `get=1`. [`serve`] runs the socket.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{IpNet, Link, PeerConfig, PresharedKey, PrivateKey, PublicKey, lock, snapshot_peers};
+pub use crate::change::{PeerChange, SetRequest};
+use crate::parse::shown_key;
+pub use crate::parse::{parse_endpoint, resolve_endpoint};
+use crate::{IpNet, Link, LinkError, PresharedKey, PrivateKey, PublicKey};
 
 /// The most bytes one request may carry; longer requests are refused (bounded memory).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -60,65 +62,8 @@ mod libc_errno {
     pub(super) const EADDRINUSE: i32 = 98;
 }
 
-/// Changes to one peer, in the order `wg` sends them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerChange {
-    /// Which peer.
-    pub public_key: PublicKey,
-    /// Remove it.
-    pub remove: bool,
-    /// Change it only if it exists.
-    pub update_only: bool,
-    /// New preshared key (all zeros clears it).
-    pub preshared_key: Option<PresharedKey>,
-    /// New endpoint.
-    pub endpoint: Option<SocketAddr>,
-    /// New persistent keepalive interval in seconds (0 turns it off).
-    pub persistent_keepalive: Option<u16>,
-    /// Replace the allowed IPs with `allowed_ips` rather than adding to them.
-    pub replace_allowed_ips: bool,
-    /// Allowed IPs to add.
-    pub allowed_ips: Vec<IpNet>,
-    /// Allowed IPs to remove (`allowed_ip=-PREFIX`, newer wireguard-tools), applied before the
-    /// additions; a prefix named both ways in one request ends as the later line says.
-    pub removed_allowed_ips: Vec<IpNet>,
-}
-
-/// A parsed `set=1` request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SetRequest {
-    /// New private key.
-    pub private_key: Option<PrivateKey>,
-    /// New listen port.
-    pub listen_port: Option<u16>,
-    /// New fwmark (0 clears it).
-    pub fwmark: Option<u32>,
-    /// Remove every peer first.
-    pub replace_peers: bool,
-    /// Peer changes, in order.
-    pub peers: Vec<PeerChange>,
-}
-
 fn invalid(line: usize, message: impl Into<String>) -> UapiError {
     UapiError::Invalid { line, message: message.into() }
-}
-
-/// Reads an endpoint as `ip:port` or `[ipv6]:port` (numeric, as `wg` sends it).
-pub fn parse_endpoint(s: &str) -> Option<SocketAddr> {
-    s.parse::<SocketAddr>().ok()
-}
-
-/// Like [`parse_endpoint`], but a `name:port` is resolved through the system resolver.
-pub fn resolve_endpoint(s: &str) -> Option<SocketAddr> {
-    if let Some(a) = parse_endpoint(s) {
-        return Some(a);
-    }
-    let (host, port) = s.rsplit_once(':')?;
-    let port: u16 = port.parse().ok()?;
-    if host.is_empty() || host.contains(['[', ']', ' ']) {
-        return None;
-    }
-    (host, port).to_socket_addrs().ok()?.next()
 }
 
 /// Parses the body of a `set=1` request (the lines after `set=1`, up to the empty line).
@@ -165,8 +110,7 @@ pub fn parse_set(body: &str) -> Result<SetRequest, UapiError> {
                 });
             }
             _ => {
-                let unexpected =
-                    || invalid(line, format!("unexpected key {} here", crate::conf::shown_key(key)));
+                let unexpected = || invalid(line, format!("unexpected key {} here", shown_key(key)));
                 let p = req.peers.last_mut().ok_or_else(unexpected)?;
                 parse_peer_line(p, key, value, line, flag)?;
             }
@@ -223,73 +167,17 @@ fn parse_peer_line(
                 return Err(invalid(line, "protocol_version: only 1 is known"));
             }
         }
-        _ => return Err(invalid(line, format!("unexpected key {} here", crate::conf::shown_key(key)))),
+        _ => return Err(invalid(line, format!("unexpected key {} here", shown_key(key)))),
     }
     Ok(())
 }
 
-/// Applies a parsed request to `link`, in order.
+/// Applies a parsed request to `link`, in order ([`Link::apply`]), with the errno `wg` expects
+/// for each failure.
 pub fn apply_set(link: &Link, req: SetRequest) -> Result<(), UapiError> {
-    if let Some(port) = req.listen_port {
-        link.set_listen_port(port).map_err(|e| match e {
-            crate::LinkError::Io { source, .. } if source.kind() == io::ErrorKind::AddrInUse => {
-                UapiError::PortInUse
-            }
-            other => UapiError::Apply(other.to_string()),
-        })?;
-    }
-    if let Some(mark) = req.fwmark {
-        link.set_fwmark(mark);
-    }
-    if let Some(key) = req.private_key {
-        link.set_private_key(key);
-    }
-    link.with_device(|dev, now| {
-        if req.replace_peers {
-            dev.clear_peers();
-        }
-        for change in req.peers {
-            let existing = dev.peer_by_key(&change.public_key);
-            if change.remove {
-                if let Some(pid) = existing {
-                    let _ = dev.remove_peer(pid);
-                }
-                continue;
-            }
-            let pid = match existing {
-                Some(pid) => pid,
-                None if change.update_only => continue,
-                None => {
-                    // Our own public key as a peer is ignored, as wireguard-go does.
-                    let Ok(pid) = dev.upsert_peer(now, PeerConfig::new(change.public_key)) else { continue };
-                    pid
-                }
-            };
-            let applied = (|| {
-                if let Some(psk) = change.preshared_key {
-                    dev.set_preshared_key(pid, psk)?;
-                }
-                if let Some(ep) = change.endpoint {
-                    dev.set_endpoint(pid, ep)?;
-                }
-                if let Some(secs) = change.persistent_keepalive {
-                    dev.set_persistent_keepalive(now, pid, Some(Duration::from_secs(secs.into())))?;
-                }
-                if change.replace_allowed_ips {
-                    dev.set_allowed_ips(pid, &change.allowed_ips)?;
-                } else {
-                    for net in &change.removed_allowed_ips {
-                        dev.remove_allowed_ip(pid, *net)?;
-                    }
-                    for net in &change.allowed_ips {
-                        dev.add_allowed_ip(pid, *net)?;
-                    }
-                }
-                Ok::<(), sitelink_proto::DeviceError>(())
-            })();
-            applied.map_err(|e| UapiError::Apply(e.to_string()))?;
-        }
-        Ok(())
+    link.apply(req).map_err(|e| match e {
+        LinkError::Io { source, .. } if source.kind() == io::ErrorKind::AddrInUse => UapiError::PortInUse,
+        other => UapiError::Apply(other.to_string()),
     })
 }
 
@@ -299,15 +187,14 @@ pub fn format_get(link: &Link) -> String {
     let mut s = String::with_capacity(1024);
     let port = link.port();
     let mark = link.fwmark();
-    let dev = lock(&link.shared.device);
-    if link.has_private_key() {
-        let _ = writeln!(s, "private_key={}", dev.config().private_key.to_hex());
+    if let Some(key) = link.private_key() {
+        let _ = writeln!(s, "private_key={}", key.to_hex());
     }
     let _ = writeln!(s, "listen_port={port}");
     if mark != 0 {
         let _ = writeln!(s, "fwmark={mark}");
     }
-    for p in snapshot_peers(&dev) {
+    for p in link.peers() {
         let _ = writeln!(s, "public_key={}", p.public_key.to_hex());
         if let Some(psk) = &p.preshared_key {
             let _ = writeln!(s, "preshared_key={}", psk.to_hex());

@@ -9,7 +9,7 @@
 //! without it, and send everything in one batch.
 //!
 //! A worker that waits for I/O counts as idle; one with a large batch of opens hands half of
-//! them to an idle worker ([`crate::help`]), so that one busy peer, whose datagrams all reach
+//! them to an idle worker ([`crate::open_sharing`]), so that one busy peer, whose datagrams all reach
 //! one worker's socket, still has its inbound crypto spread over cores.
 //!
 //! Any worker may run the engine's timers: each waits until the engine's next deadline as it
@@ -21,11 +21,63 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32};
+use std::sync::{Condvar, Mutex};
+
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
-use sitelink_io::PacketIo;
+use sitelink_io::{IoStats, PacketIo, UdpConfig, UdpSocket, Waker};
 use sitelink_proto::{CryptoBatch, Device};
 
-use crate::{Shared, lock};
+use crate::open_sharing::OpenSharing;
+use crate::sync::lock;
+
+/// State shared by the workers and the control side.
+pub(crate) struct Shared {
+    pub(crate) device: Mutex<Device>,
+    /// One slot per worker, in worker order.
+    pub(crate) workers: Vec<WorkerSlot>,
+    /// Wakes each worker, in worker order.
+    pub(crate) wakers: Vec<Waker>,
+    /// Where workers share the opening of large batches.
+    pub(crate) open_sharing: OpenSharing,
+    pub(crate) stop: AtomicBool,
+    /// Why the link stopped on its own, if a worker failed (see [`Link::failure`]).
+    pub(crate) failure: Mutex<Option<String>>,
+    /// Workers that have returned, for [`Link::wait_stopped`] (with its condition variable).
+    pub(crate) finished: Mutex<usize>,
+    pub(crate) finished_changed: Condvar,
+    /// Test hook: the next worker turn panics (see [`Link::inject_worker_panic`]).
+    pub(crate) inject_panic: AtomicBool,
+    pub(crate) keyed: AtomicBool,
+    /// The port the link listens on, and its fwmark: the one place each is kept.
+    pub(crate) port: AtomicU16,
+    pub(crate) fwmark: AtomicU32,
+    /// How the link's sockets are made, but for the port and fwmark above.
+    pub(crate) udp: UdpConfig,
+}
+
+impl Shared {
+    pub(crate) fn wake_all(&self) {
+        self.wakers.iter().for_each(Waker::wake);
+    }
+
+    /// Tells every worker to stop.
+    pub(crate) fn stop_all(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.wake_all();
+    }
+}
+
+/// What the control side hands one worker, and what the worker reports back.
+#[derive(Default)]
+pub(crate) struct WorkerSlot {
+    /// A socket on a new listen port, for the worker to switch to.
+    pub(crate) pending_socket: Mutex<Option<UdpSocket>>,
+    /// The worker's I/O counters as of its last turn.
+    pub(crate) io_stats: Mutex<IoStats>,
+    /// Buffers the worker's pool has allocated over its life, as of its last turn.
+    pub(crate) buffers_allocated: std::sync::atomic::AtomicU64,
+}
 
 /// How often drop counters are written to the debug log when they change.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -75,7 +127,7 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
     let mut delivered: Vec<PacketBuf> = Vec::with_capacity(VEC_CAPACITY);
     let mut out: Vec<Datagram> = Vec::with_capacity(VEC_CAPACITY * 2);
     let mut batch = CryptoBatch::with_capacity(VEC_CAPACITY);
-    // Carries half of a large batch's opens to an idle worker and back (see `help`).
+    // Carries half of a large batch's opens to an idle worker and back (see `open_sharing`).
     let mut spare = CryptoBatch::with_capacity(VEC_CAPACITY / 2);
     let mut fwmark = shared.fwmark.load(Ordering::Relaxed);
     let mut last_drop_log = Instant::now();
@@ -91,14 +143,14 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
     let mut deadline = lock(&shared.device).next_deadline();
     while !shared.stop.load(Ordering::Relaxed) {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        shared.help.set_idle(index, true);
+        shared.open_sharing.set_idle(index, true);
         let waited = io.wait(timeout);
-        shared.help.set_idle(index, false);
+        shared.open_sharing.set_idle(index, false);
         if let Err(e) = waited {
             errors.report("waiting for I/O", &e);
             std::thread::sleep(ERROR_BACKOFF);
         }
-        shared.help.help(index);
+        shared.open_sharing.help(index);
         if shared.inject_panic.swap(false, Ordering::Relaxed) {
             panic!("injected by Link::inject_worker_panic");
         }
@@ -129,7 +181,7 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             lock(&shared.device).decapsulate_deferred(now, &mut datagrams, &mut batch, &mut out);
             // The AEAD without the engine (other workers route and count meanwhile); an idle
             // worker may take half of a large batch's opens.
-            shared.help.run(index, |i| shared.wakers[i].wake(), &mut batch, &mut spare, &mut out);
+            shared.open_sharing.run(index, |i| shared.wakers[i].wake(), &mut batch, &mut spare, &mut out);
             if batch.needs_completion() {
                 lock(&shared.device).complete(now, &mut batch, &mut delivered, &mut out);
             }

@@ -17,7 +17,7 @@ use std::sync::{Condvar, Mutex};
 
 use sitelink_proto::CryptoBatch;
 
-use crate::lock;
+use crate::sync::lock;
 
 /// A batch needs at least this many opens before half of it is worth a wake-up elsewhere
 /// (a wake-up costs a few microseconds; 16 opens of 1420 bytes cost about 18).
@@ -36,8 +36,8 @@ struct Return {
     ready: Condvar,
 }
 
-/// The workers' help desk (see the module's docs).
-pub(crate) struct HelpDesk {
+/// Where workers share the opening of large batches (see the module's docs).
+pub(crate) struct OpenSharing {
     queue: Mutex<Vec<Job>>,
     /// Jobs in `queue`, so that a worker with nothing to help with skips the lock. A stale
     /// read only delays help: a job no one takes is taken back by its poster.
@@ -49,11 +49,11 @@ pub(crate) struct HelpDesk {
     pub(crate) opens_shared: AtomicU64,
 }
 
-impl HelpDesk {
-    /// A desk for `workers` workers (at most 64).
+impl OpenSharing {
+    /// Opens shared among `workers` workers (at most 64).
     pub(crate) fn new(workers: usize) -> Self {
         debug_assert!(workers <= 64);
-        HelpDesk {
+        OpenSharing {
             queue: Mutex::new(Vec::with_capacity(workers)),
             posted: AtomicUsize::new(0),
             returns: (0..workers).map(|_| Return::default()).collect(),
@@ -172,14 +172,14 @@ mod tests {
         net.send(0, 1, b"x");
         net.run_for(Duration::from_millis(50));
         assert_eq!(net.take_delivered(1).len(), 1);
-        let desk = HelpDesk::new(2);
+        let sharing = OpenSharing::new(2);
         let stop = AtomicBool::new(false);
         std::thread::scope(|s| {
             // Worker 1: idle, helping whenever there is work.
             s.spawn(|| {
-                desk.set_idle(1, true);
+                sharing.set_idle(1, true);
                 while !stop.load(Ordering::Relaxed) {
-                    desk.help(1);
+                    sharing.help(1);
                     std::hint::spin_loop();
                 }
             });
@@ -190,14 +190,20 @@ mod tests {
             // machine its thread may not run at all during the first ones).
             let mut rounds = 0u32;
             let mut next = 0u32;
-            while rounds < 50 || (desk.opens_shared.load(Ordering::Relaxed) == 0 && rounds < 20_000) {
+            while rounds < 50 || (sharing.opens_shared.load(Ordering::Relaxed) == 0 && rounds < 20_000) {
                 let round = rounds;
                 rounds += 1;
                 let mut dgrams = sealed(&mut net, round * 64);
                 let now = net.now;
                 let b = &mut net.nodes[1].dev;
                 b.decapsulate_deferred(now, &mut dgrams, &mut batch, &mut out);
-                desk.run(0, |i| assert_eq!(i, 1, "only worker 1 is idle"), &mut batch, &mut spare, &mut out);
+                sharing.run(
+                    0,
+                    |i| assert_eq!(i, 1, "only worker 1 is idle"),
+                    &mut batch,
+                    &mut spare,
+                    &mut out,
+                );
                 assert!(spare.is_empty(), "the spare came back empty");
                 b.complete(now, &mut batch, &mut delivered, &mut out);
                 for p in delivered.drain(..) {
@@ -210,19 +216,19 @@ mod tests {
             stop.store(true, Ordering::Relaxed);
             assert_eq!(next, rounds * 64, "every packet delivered");
         });
-        let shared = desk.opens_shared.load(Ordering::Relaxed);
+        let shared = sharing.opens_shared.load(Ordering::Relaxed);
         assert!(shared > 0 && shared % 32 == 0, "the helper opened {shared}");
         assert_eq!(net.nodes[1].dev.stats().drops.total(), 0);
     }
 
     #[test]
     fn with_no_idle_worker_a_batch_is_opened_alone() {
-        let desk = HelpDesk::new(2);
+        let sharing = OpenSharing::new(2);
         let mut spare = CryptoBatch::default();
         let mut batch = CryptoBatch::default();
-        desk.run(0, |_| panic!("no one to wake"), &mut batch, &mut spare, &mut Vec::new());
-        desk.set_idle(0, true);
-        desk.run(0, |_| panic!("a worker does not wake itself"), &mut batch, &mut spare, &mut Vec::new());
-        assert_eq!(desk.opens_shared.load(Ordering::Relaxed), 0);
+        sharing.run(0, |_| panic!("no one to wake"), &mut batch, &mut spare, &mut Vec::new());
+        sharing.set_idle(0, true);
+        sharing.run(0, |_| panic!("a worker does not wake itself"), &mut batch, &mut spare, &mut Vec::new());
+        assert_eq!(sharing.opens_shared.load(Ordering::Relaxed), 0);
     }
 }
