@@ -393,7 +393,7 @@ impl PacketIo for MmsgIo {
 
     fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         // With input left over from a full batch, only look (no sleeping) at the others.
-        let more_peer = self.peers.list.iter().any(|p| p.flag);
+        let more_peer = self.peers.list.iter().any(|p| p.readable);
         let timeout =
             if self.more_udp || self.more_packets || more_peer { Some(Duration::ZERO) } else { timeout };
         let ready = self.readiness.wait(&self.udp, &self.packets, &self.waker, &self.peers, timeout)?;
@@ -404,7 +404,7 @@ impl PacketIo for MmsgIo {
             self.waker.drain();
         }
         for (p, r) in self.peers.list.iter_mut().zip(&ready[POLL_OWN..n]) {
-            p.flag |= *r;
+            p.readable |= *r;
         }
         Ok(())
     }
@@ -417,9 +417,9 @@ impl PacketIo for MmsgIo {
             result = r;
         }
         for i in 0..self.peers.list.len() {
-            if self.peers.list[i].flag {
+            if self.peers.list[i].readable {
                 let (more, r) = self.recv_from(Some(i), pool, out);
-                self.peers.list[i].flag = more;
+                self.peers.list[i].readable = more;
                 if result.is_ok() {
                     result = r;
                 }
@@ -458,14 +458,14 @@ impl PacketIo for MmsgIo {
         // The peers' sockets move to the new port too. (Datagrams still queued on the old
         // ones were sent to the old port, which the link has left.)
         let (addrs, n) = self.peers.addrs();
-        self.peers.update(&self.udp, [], true, drop)?;
+        self.peers.update(&self.udp, [], drop)?;
         self.connect_peers(&addrs[..n])
     }
 
     fn connect_peers(&mut self, peers: &[SocketAddr]) -> io::Result<()> {
         // A new socket may already hold datagrams (it shares the port before it connects):
         // look at it in the next turn.
-        let result = self.peers.update(&self.udp, peers.iter().copied(), true, drop);
+        let result = self.peers.update(&self.udp, peers.iter().copied(), drop);
         self.stats.peer_sockets = self.peers.list.len() as u64;
         result
     }

@@ -43,9 +43,10 @@ pub(crate) struct PeerSocket {
     pub(crate) sock: UdpSocket,
     /// Names the socket in io_uring user data; never 0, which is the shared socket.
     pub(crate) id: u32,
-    /// For the backend: `mmsg` marks that datagrams may be waiting, `uring` that the socket's
-    /// multishot receive is armed.
-    pub(crate) flag: bool,
+    /// `mmsg`: datagrams may be waiting on the socket (it was readable, or is new).
+    pub(crate) readable: bool,
+    /// `uring`: the socket's multishot receive is armed.
+    pub(crate) recv_armed: bool,
 }
 
 /// The connected sockets of one backend.
@@ -76,13 +77,12 @@ impl PeerSockets {
 
     /// Makes the list match the first [`MAX_CONNECTED_PEERS`] distinct addresses of `peers`:
     /// sockets no longer wanted are handed to `gone` (which closes them, or holds them until
-    /// the kernel is done with them), and new ones are connected beside `main`, with `flag`
-    /// set to `fresh`. Returns the first connect error, after trying every address.
+    /// the kernel is done with them), and new ones are connected beside `main`, marked
+    /// `readable` (they may already hold datagrams) and not armed. Returns the first connect error, after trying every address.
     pub(crate) fn update(
         &mut self,
         main: &UdpSocket,
         peers: impl IntoIterator<Item = SocketAddr>,
-        fresh: bool,
         mut gone: impl FnMut(PeerSocket),
     ) -> io::Result<()> {
         let mut wanted = [None; MAX_CONNECTED_PEERS];
@@ -113,7 +113,13 @@ impl PeerSockets {
             match main.connect_sibling(*addr) {
                 Ok(sock) => {
                     self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-                    self.list.push(PeerSocket { addr: *addr, sock, id: self.next_id, flag: fresh });
+                    self.list.push(PeerSocket {
+                        addr: *addr,
+                        sock,
+                        id: self.next_id,
+                        readable: true,
+                        recv_armed: false,
+                    });
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);

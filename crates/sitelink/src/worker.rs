@@ -151,7 +151,8 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             std::thread::sleep(ERROR_BACKOFF);
         }
         shared.open_sharing.help(index);
-        if shared.inject_panic.swap(false, Ordering::Relaxed) {
+        // A plain load first: a swap would write the shared line every turn of every worker.
+        if shared.inject_panic.load(Ordering::Relaxed) && shared.inject_panic.swap(false, Ordering::Relaxed) {
             panic!("injected by Link::inject_worker_panic");
         }
         let now = Instant::now();

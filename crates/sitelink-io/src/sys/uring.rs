@@ -21,8 +21,9 @@
 //! Ownership: every buffer the kernel may touch is held in a slot table indexed by the SQE's
 //! `user_data` (or, for the buffer ring, by buffer id) until its completion arrives; the kernel
 //! structures (`msghdr`, iovecs, addresses, control messages) live in boxed slots that do not
-//! move. Dropping the backend tears the ring down first (which waits for nothing: the kernel
-//! cancels in-flight requests when the ring's file is closed), then frees the buffers.
+//! move. Dropping the backend cancels every request and waits (up to a second) for their
+//! completions before the ring closes and the buffers are freed; if that fails, the memory the
+//! kernel may still use is leaked, never freed under it (see `Drop`).
 //!
 //! [`wait`]: crate::PacketIo::wait
 
@@ -78,7 +79,8 @@ const BGID_TUN: u16 = 8;
 /// `io_uring_recvmsg_out` header and the address (we ask for a `sockaddr_in6`).
 const RECV_PREFIX: usize = 16 + size_of::<libc::sockaddr_in6>();
 
-fn ud(kind: u64, slot: usize) -> u64 {
+/// The user data of a request: its kind in the top byte, its slot (or peer socket id) below.
+fn user_data(kind: u64, slot: usize) -> u64 {
     (kind << KIND_SHIFT) | slot as u64
 }
 
@@ -262,7 +264,7 @@ pub struct UringIo {
     // the buffers and kernel structures below are freed.
     ring: IoUring,
     /// Kept open for the backend's life (the ring's registered file table refers to it).
-    _packets: PacketFd,
+    packets: PacketFd,
     udp: UdpSocket,
     batch: usize,
     /// Datagrams land in these (behind the recvmsg header and address).
@@ -289,8 +291,8 @@ pub struct UringIo {
     enabled: bool,
     tun_read_error: Option<io::Error>,
     stats: IoStats,
-    /// The peers' connected sockets (`flag`: its multishot receive is armed), each received
-    /// with user data `ud(UDP_RECV, id)`; the shared socket is id 0.
+    /// The peers' connected sockets, each received with user data `user_data(UDP_RECV, id)`;
+    /// the shared socket is id 0.
     peers: PeerSockets,
     /// Sockets no longer wanted whose receive is being cancelled: each is closed when its
     /// last completion is reaped, so that no request in flight meets a reused descriptor.
@@ -389,7 +391,7 @@ impl UringIo {
         let gso = udp.supports_gso();
         let mut io = UringIo {
             ring,
-            _packets: packets,
+            packets,
             udp,
             batch,
             udp_bufs,
@@ -512,14 +514,14 @@ impl UringIo {
         if !self.recv_armed {
             let entry = opcode::RecvMsgMulti::new(Fixed(FILE_UDP), &*self.recv_msghdr, BGID_UDP)
                 .build()
-                .user_data(ud(UDP_RECV, 0));
+                .user_data(user_data(UDP_RECV, 0));
             // SAFETY: the msghdr is boxed in `self` and outlives the ring; the buffers come from
             // the buffer ring, whose memory `self.udp_bufs` owns.
             unsafe { self.push(&entry)? };
             self.recv_armed = true;
         }
         for i in 0..self.peers.list.len() {
-            if self.peers.list[i].flag {
+            if self.peers.list[i].recv_armed {
                 continue;
             }
             let p = &self.peers.list[i];
@@ -529,15 +531,16 @@ impl UringIo {
                 BGID_UDP,
             )
             .build()
-            .user_data(ud(UDP_RECV, p.id as usize));
+            .user_data(user_data(UDP_RECV, p.id as usize));
             // SAFETY: as for the shared socket's receive above; the socket stays open until
             // this request's last completion (see `closing`).
             unsafe { self.push(&entry)? };
-            self.peers.list[i].flag = true;
+            self.peers.list[i].recv_armed = true;
         }
         if !self.tun_read_armed && self.tun_read_error.is_none() {
-            let entry =
-                opcode::ReadMulti::new(Fixed(FILE_TUN), 0, BGID_TUN).build().user_data(ud(TUN_READ, 0));
+            let entry = opcode::ReadMulti::new(Fixed(FILE_TUN), 0, BGID_TUN)
+                .build()
+                .user_data(user_data(TUN_READ, 0));
             // SAFETY: the buffers come from the TUN buffer ring, whose memory `self.tun_bufs`
             // owns until the ring is gone.
             unsafe { self.push(&entry)? };
@@ -553,7 +556,7 @@ impl UringIo {
                 opcode::PollAdd::new(io_uring::types::Fd(self.waker.0.as_raw_fd()), libc::POLLIN as u32)
                     .multi(true)
                     .build()
-                    .user_data(ud(WAKE, 0));
+                    .user_data(user_data(WAKE, 0));
             // SAFETY: a poll request carries no buffers; the eventfd lives as long as `self`.
             unsafe { self.push(&entry)? };
             self.wake_armed = true;
@@ -606,7 +609,7 @@ impl UringIo {
                         if slot == 0 {
                             self.recv_armed = false;
                         } else if let Some(p) = self.peers.list.iter_mut().find(|p| p.id as usize == slot) {
-                            p.flag = false;
+                            p.recv_armed = false;
                         } else {
                             // A closed peer's receive has ended: its socket may go now.
                             self.closing.retain(|p| p.id as usize != slot);
@@ -820,7 +823,7 @@ impl PacketIo for UringIo {
             self.idle_ready &= !READY_TUN;
             // A full batch: more is waiting, the traffic is no longer sparse; the ring takes
             // over (the multishot read, armed below, reads the rest).
-            if read_packet_batch(&self._packets, self.batch, pool, out, &mut self.stats)? {
+            if read_packet_batch(&self.packets, self.batch, pool, out, &mut self.stats)? {
                 self.idle = false;
             }
         }
@@ -893,7 +896,7 @@ impl PacketIo for UringIo {
                     Some(fd) => opcode::SendMsg::new(io_uring::types::Fd(fd), &s.hdr).build(),
                     None => opcode::SendMsg::new(Fixed(FILE_UDP), &s.hdr).build(),
                 }
-                .user_data(ud(UDP_SEND, slot));
+                .user_data(user_data(UDP_SEND, slot));
                 self.stats.send_calls += 1;
                 // SAFETY: the slot is boxed and owns the msghdr, iovecs, address, control space
                 // and the buffers the iovecs point at until the completion returns it.
@@ -913,7 +916,7 @@ impl PacketIo for UringIo {
             if !packets.is_empty() {
                 self.idle_ready |= READY_TUN;
             }
-            write_packet_batch(&self._packets, packets, pool, &mut self.stats);
+            write_packet_batch(&self.packets, packets, pool, &mut self.stats);
             return Ok(());
         }
         for buf in packets.drain(..) {
@@ -926,7 +929,7 @@ impl PacketIo for UringIo {
             let data = buf.data();
             let entry = opcode::Write::new(Fixed(FILE_TUN), data.as_ptr(), data.len() as u32)
                 .build()
-                .user_data(ud(TUN_WRITE, slot));
+                .user_data(user_data(TUN_WRITE, slot));
             self.tun_writes[slot] = Some(buf);
             // SAFETY: the buffer is held in `tun_writes[slot]` until the write completes.
             unsafe { self.push(&entry)? };
@@ -951,7 +954,7 @@ impl PacketIo for UringIo {
             self.reap();
         }
         if self.recv_armed {
-            self.cancel(ud(UDP_RECV, 0))?;
+            self.cancel(user_data(UDP_RECV, 0))?;
             // Wait for the multishot receive to end before its socket goes.
             while self.recv_armed {
                 self.submit(1)?;
@@ -970,7 +973,7 @@ impl PacketIo for UringIo {
         // The list's indices change: readiness found for peer sockets is looked for again.
         self.idle_ready &= READY_UDP | READY_TUN;
         let start = self.closing.len();
-        let result = self.peers.update(&self.udp, peers.iter().copied(), false, |p| self.closing.push(p));
+        let result = self.peers.update(&self.udp, peers.iter().copied(), |p| self.closing.push(p));
         self.close_from(start)?;
         result
     }
@@ -1010,7 +1013,9 @@ impl UringIo {
     fn unarmed(&self) -> bool {
         !self.wake_armed
             || (!self.idle
-                && (!self.recv_armed || !self.tun_read_armed || self.peers.list.iter().any(|p| !p.flag)))
+                && (!self.recv_armed
+                    || !self.tun_read_armed
+                    || self.peers.list.iter().any(|p| !p.recv_armed)))
     }
 
     /// Readiness mode from now on: cancels the multishot receives and the multishot read and
@@ -1019,17 +1024,17 @@ impl UringIo {
         self.idle = true;
         self.stats.idle_entries += 1;
         if self.tun_read_armed {
-            self.cancel(ud(TUN_READ, 0))?;
+            self.cancel(user_data(TUN_READ, 0))?;
         }
         if self.recv_armed {
-            self.cancel(ud(UDP_RECV, 0))?;
+            self.cancel(user_data(UDP_RECV, 0))?;
         }
         for i in 0..self.peers.list.len() {
-            if self.peers.list[i].flag {
-                self.cancel(ud(UDP_RECV, self.peers.list[i].id as usize))?;
+            if self.peers.list[i].recv_armed {
+                self.cancel(user_data(UDP_RECV, self.peers.list[i].id as usize))?;
             }
         }
-        while self.tun_read_armed || self.recv_armed || self.peers.list.iter().any(|p| p.flag) {
+        while self.tun_read_armed || self.recv_armed || self.peers.list.iter().any(|p| p.recv_armed) {
             self.submit(1)?;
             self.reap();
         }
@@ -1057,7 +1062,7 @@ impl UringIo {
         if self.has_work() {
             return Ok(());
         }
-        let ready = self.readiness.wait(&self.udp, &self._packets, &self.waker, &self.peers, timeout)?;
+        let ready = self.readiness.wait(&self.udp, &self.packets, &self.waker, &self.peers, timeout)?;
         let n = POLL_OWN + self.peers.list.len();
         if ready[2] {
             self.waker.drain();
@@ -1115,13 +1120,13 @@ impl UringIo {
     /// is armed stays there until that receive, cancelled here, has ended; the others close
     /// now, once the requests already queued (sends may name them) have gone in.
     fn close_from(&mut self, start: usize) -> io::Result<()> {
-        if self.enabled && self.closing[start..].iter().any(|p| !p.flag) {
+        if self.enabled && self.closing[start..].iter().any(|p| !p.recv_armed) {
             self.submit(0)?;
         }
         let mut i = start;
         while i < self.closing.len() {
-            if self.closing[i].flag {
-                self.cancel(ud(UDP_RECV, self.closing[i].id as usize))?;
+            if self.closing[i].recv_armed {
+                self.cancel(user_data(UDP_RECV, self.closing[i].id as usize))?;
                 i += 1;
             } else if !self.enabled {
                 // Nothing queued has gone in yet: keep the descriptor until it has, so that
@@ -1137,9 +1142,9 @@ impl UringIo {
     }
 
     /// Queues the cancellation of the request with user data `target`: the multishot read, or
-    /// the multishot receive of peer socket `id` (`ud(UDP_RECV, id)`, 0: the shared socket).
+    /// the multishot receive of peer socket `id` (`user_data(UDP_RECV, id)`, 0: the shared socket).
     fn cancel(&mut self, target: u64) -> io::Result<()> {
-        let entry = opcode::AsyncCancel::new(target).build().user_data(ud(CANCEL, 0));
+        let entry = opcode::AsyncCancel::new(target).build().user_data(user_data(CANCEL, 0));
         // SAFETY: a cancel request carries no buffers.
         unsafe { self.push(&entry) }
     }
@@ -1149,7 +1154,7 @@ impl UringIo {
         self.tun_writes.iter().filter(|b| b.is_some()).count()
             + (self.sends.len() - self.sends_free.len())
             + usize::from(self.recv_armed)
-            + self.peers.list.iter().filter(|p| p.flag).count()
+            + self.peers.list.iter().filter(|p| p.recv_armed).count()
             + self.closing.len()
             + usize::from(self.wake_armed)
             + usize::from(self.tun_read_armed)
@@ -1170,8 +1175,9 @@ impl Drop for UringIo {
     /// headers after the ring closes: then they are leaked, never freed, and the leak is
     /// logged and counted.
     fn drop(&mut self) {
-        let cancel =
-            opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any()).build().user_data(ud(CANCEL, 0));
+        let cancel = opcode::AsyncCancel2::new(io_uring::types::CancelBuilder::any())
+            .build()
+            .user_data(user_data(CANCEL, 0));
         // A ring never enabled never took a request in: nothing is in flight.
         let mut drained = !self.enabled;
         // SAFETY: a cancel request carries no buffers.
