@@ -9,7 +9,7 @@ use sitelink_crypto::noise::{Identity, PeerKeys};
 use sitelink_crypto::{PresharedKey, PrivateKey, PublicKey};
 
 use super::DeviceError;
-use super::{Device, PeerView};
+use super::{Device, PeerView, live};
 use crate::config::{DeviceConfig, IpNet, PeerConfig};
 use crate::peer::{Peer, PeerId, Timer};
 use crate::stats::DeviceStats;
@@ -40,7 +40,7 @@ impl Device {
         }
         for pid in self.peer_ids().collect::<Vec<_>>() {
             self.clear_sessions(pid);
-            let peer = self.peers[pid.index()].as_mut().expect("live peer");
+            let Some(peer) = live(&mut self.peers, pid) else { continue };
             let psk = peer.keys.preshared_key().clone();
             let public = *peer.keys.public_key();
             peer.keys = PeerKeys::new(&self.identity, public, psk);

@@ -12,7 +12,7 @@ use sitelink_frame::wire::{
     mac_offsets,
 };
 
-use super::Device;
+use super::{Device, live};
 use crate::batch::CryptoBatch;
 use crate::peer::{Keypair, PeerId, Pending, Timer};
 use crate::stats::DropReason;
@@ -70,7 +70,10 @@ impl Device {
         let timestamp = Tai64N::from_unix(unix.as_secs(), unix.subsec_nanos());
         let mut buf = self.pool.get();
         buf.set_len(INITIATION_LEN).expect("pool buffers hold a handshake message");
-        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        let Some(peer) = live(&mut self.peers, pid) else {
+            self.by_index.remove(&index);
+            return self.pool.put(buf);
+        };
         let result = noise::initiate(
             &self.identity,
             &peer.keys,
@@ -164,7 +167,9 @@ impl Device {
         let Some(&pid) = self.by_key.get(unverified.remote_static()) else {
             return self.drop_buf(None, DropReason::UnknownPeer, d.buf);
         };
-        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        let Some(peer) = live(&mut self.peers, pid) else {
+            return self.drop_buf(None, DropReason::UnknownPeer, d.buf);
+        };
         let received = match unverified.verify(&peer.keys) {
             Ok(r) => r,
             Err(_) => return self.drop_buf(Some(pid), DropReason::HandshakeDecryptFailed, d.buf),
@@ -186,7 +191,10 @@ impl Device {
         let index = self.new_index(pid);
         let mut buf = d.buf;
         buf.set_len(RESPONSE_LEN).expect("an initiation's buffer holds a response");
-        let peer = self.peers[pid.index()].as_mut().expect("live peer");
+        let Some(peer) = live(&mut self.peers, pid) else {
+            self.by_index.remove(&index);
+            return self.drop_buf(None, DropReason::UnknownPeer, buf);
+        };
         let keys = match received.respond(
             &peer.keys,
             index,

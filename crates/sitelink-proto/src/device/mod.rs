@@ -191,6 +191,13 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// The live peer `pid` in `peers`, if any: a lookup that cannot panic, borrowing only the
+/// peer table (so the identity and the random source stay usable beside it).
+#[inline]
+fn live(peers: &mut [Option<Peer>], pid: PeerId) -> Option<&mut Peer> {
+    peers.get_mut(pid.index())?.as_mut()
+}
+
 /// Cookie replies sent to one source address per second, at most.
 const COOKIE_REPLIES_PER_SOURCE_PER_SECOND: u32 = 2;
 
@@ -303,6 +310,9 @@ impl Device {
         Ok(())
     }
 
+    /// The peer `pid`, which the calling method has just found live (by key, index, route or
+    /// [`peer_checked`](Self::peer_checked)) and not removed since: the one place that
+    /// invariant is assumed. Where the lookup itself can miss, use [`live`].
     #[inline]
     fn peer_mut(&mut self, pid: PeerId) -> &mut Peer {
         self.peers[pid.index()].as_mut().expect("PeerId of a live peer")
