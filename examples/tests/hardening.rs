@@ -258,15 +258,8 @@ fn deleting_the_interface_stops_sitelinkd_cleanly() {
     pair.configure();
     let socket = pair.socket(0);
     pair.ns_exec(0, &format!("ip link del {}", pair.ifname[0]));
-    let start = Instant::now();
-    let child = pair.procs[0].as_mut().expect("running");
-    let status = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break st;
-        }
-        assert!(start.elapsed() < Duration::from_secs(5), "sitelinkd kept running without its interface");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status =
+        pair.wait_exit(0, Duration::from_secs(5)).expect("sitelinkd kept running without its interface");
     assert!(status.success(), "exit status {status}");
     assert!(!std::path::Path::new(&socket).exists(), "UAPI socket left behind");
 }
@@ -319,20 +312,8 @@ fn a_worker_panic_makes_sitelinkd_exit_non_zero() {
     let mut pair = Pair::new();
     pair.extra_args[0] = vec!["--workers".into(), "2".into(), "--test-worker-panic-after=1".into()];
     pair.start(0, Impl::Sitelink("uring"));
-    // The process is ours to wait for from here (Pair would otherwise signal it on drop).
-    let mut child = pair.procs[0].take().expect("running");
-    let start = Instant::now();
-    let status = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break st;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("sitelinkd ran on after a worker panicked");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status =
+        pair.wait_exit(0, Duration::from_secs(10)).expect("sitelinkd ran on after a worker panicked");
     let log = std::fs::read_to_string(pair.log_path(0)).unwrap_or_default();
     assert!(!status.success(), "a failed link exited {status}: {log}");
     assert!(

@@ -334,6 +334,25 @@ impl Pair {
         log.lines().rev().find(|l| l.contains("final counters")).expect("final counters logged").to_owned()
     }
 
+    /// Waits up to `limit` for side `side`'s implementation to exit by itself, and returns its
+    /// status; `None` if it is still running (it is then stopped on drop as usual). Once it
+    /// has exited it is forgotten, so that nothing signals its id, which the system may have
+    /// given to another process by then.
+    pub fn wait_exit(&mut self, side: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        let child = self.procs[side].as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.procs[side] = None;
+                return Some(status);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The process id of side `side`'s implementation.
     pub fn pid(&self, side: usize) -> u32 {
         self.procs[side].as_ref().expect("running").id()
