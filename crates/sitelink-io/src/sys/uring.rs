@@ -40,7 +40,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue};
 use sitelink_frame::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
 use super::{GSO_CMSG_SPACE, RawAddr, SendGroup, set_gso_segment};
-use crate::mmsg::{MmsgCalls, POLL_OWN, Readiness, group_for_gso, read_packet_batch, write_packet_batch};
+use crate::calls::{MmsgCalls, POLL_OWN, Readiness, group_for_gso, read_packet_batch, write_packet_batch};
 use crate::peers::{MAX_CONNECTED_PEERS, PeerSocket, PeerSockets};
 use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
 
@@ -433,10 +433,10 @@ impl UringIo {
             let mut slot = SendSlot {
                 // SAFETY: msghdr is plain old data; zeros are valid.
                 hdr: unsafe { zeroed() },
-                iovs: Vec::with_capacity(crate::mmsg::GSO_MAX_SEGMENTS),
+                iovs: Vec::with_capacity(crate::calls::GSO_MAX_SEGMENTS),
                 addr: RawAddr::new(SocketAddr::from(([0, 0, 0, 0], 0)), false),
                 cmsg: [0; GSO_CMSG_SPACE / 8],
-                bufs: Vec::with_capacity(crate::mmsg::GSO_MAX_SEGMENTS),
+                bufs: Vec::with_capacity(crate::calls::GSO_MAX_SEGMENTS),
                 datagrams: 0,
                 peer_id: 0,
             };

@@ -1,0 +1,69 @@
+//! A backend's counters.
+
+/// Counters of one backend: what moved, and every failure by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IoStats {
+    /// Datagrams received.
+    pub udp_rx: u64,
+    /// Datagrams sent.
+    pub udp_tx: u64,
+    /// Packets read from the TUN side.
+    pub tun_rx: u64,
+    /// Packets written to the TUN side.
+    pub tun_tx: u64,
+    /// Datagrams the kernel refused to send (unreachable destination, full buffer, ...).
+    pub udp_send_errors: u64,
+    /// Datagrams received larger than a buffer (dropped).
+    pub udp_truncated: u64,
+    /// Receive calls that failed with something other than "no data yet".
+    pub udp_recv_errors: u64,
+    /// Packets the TUN side refused.
+    pub tun_write_errors: u64,
+    /// Reads from the TUN side that failed.
+    pub tun_read_errors: u64,
+    /// UDP send system calls (or submissions) made: with GSO and batching, far fewer than
+    /// datagrams.
+    pub send_calls: u64,
+    /// Peers with a connected socket of their own now ([`PacketIo::connect_peers`]): a level,
+    /// not a count of events.
+    pub peer_sockets: u64,
+    /// Peer sockets closed because a send on them failed in a way that the socket itself
+    /// causes (its source address left the host); the shared socket serves those peers.
+    pub peer_sockets_stale: u64,
+    /// Times the io_uring backend changed to readiness mode after the link went quiet.
+    pub idle_entries: u64,
+}
+
+impl IoStats {
+    /// Adds `other`'s counters to these (to sum the workers of one link).
+    pub fn add(&mut self, other: &IoStats) {
+        let IoStats {
+            udp_rx,
+            udp_tx,
+            tun_rx,
+            tun_tx,
+            udp_send_errors,
+            udp_truncated,
+            udp_recv_errors,
+            tun_write_errors,
+            tun_read_errors,
+            send_calls,
+            peer_sockets,
+            peer_sockets_stale,
+            idle_entries,
+        } = other;
+        self.udp_rx += udp_rx;
+        self.udp_tx += udp_tx;
+        self.tun_rx += tun_rx;
+        self.tun_tx += tun_tx;
+        self.udp_send_errors += udp_send_errors;
+        self.udp_truncated += udp_truncated;
+        self.udp_recv_errors += udp_recv_errors;
+        self.tun_write_errors += tun_write_errors;
+        self.tun_read_errors += tun_read_errors;
+        self.send_calls += send_calls;
+        self.peer_sockets += peer_sockets;
+        self.peer_sockets_stale += peer_sockets_stale;
+        self.idle_entries += idle_entries;
+    }
+}
