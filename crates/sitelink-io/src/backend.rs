@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
-use crate::{IoStats, UdpSocket, Waker};
+use crate::socket::UdpSocket;
+use crate::stats::IoStats;
+use crate::waker::Waker;
 
 /// Which batched I/O backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

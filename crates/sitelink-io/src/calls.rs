@@ -11,8 +11,11 @@ use std::time::Duration;
 use sitelink_frame::{BufPool, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
 use crate::peers::{self, MAX_CONNECTED_PEERS, PeerSockets};
+use crate::socket::UdpSocket;
+use crate::stats::IoStats;
 use crate::sys::{self, MsgBatch, SendGroup};
-use crate::{IoStats, PacketFd, UdpSocket, Waker};
+use crate::tun::PacketFd;
+use crate::waker::Waker;
 
 /// The most datagrams one GSO send carries, and the most bytes (a UDP datagram's limit, less
 /// headers).

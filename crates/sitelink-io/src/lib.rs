@@ -23,6 +23,7 @@ mod peers;
 mod socket;
 mod stats;
 mod tun;
+mod uring;
 mod waker;
 // Every `unsafe` of the crate is in `sys`; the rest may not hold any.
 #[allow(unsafe_code)]
@@ -37,8 +38,8 @@ pub use peers::MAX_CONNECTED_PEERS;
 pub use socket::{UdpConfig, UdpSocket};
 pub use stats::IoStats;
 pub use sys::adopt_inherited_fd;
-pub use sys::uring::{DEFAULT_IDLE_AFTER, UringIo};
 pub use tun::{PacketFd, PacketPipe, Tun};
+pub use uring::{DEFAULT_IDLE_AFTER, UringIo};
 pub use waker::Waker;
 
 /// Helpers for tests of this crate and the ones above, which may not hold `unsafe`
@@ -50,7 +51,7 @@ pub mod testing {
     /// How many `uring` backends were dropped with requests still in flight, their memory
     /// leaked rather than freed under the kernel (see [`UringIo`](crate::UringIo)'s `Drop`).
     pub fn uring_drops_leaked() -> u64 {
-        crate::sys::uring::DROPS_LEAKED.load(std::sync::atomic::Ordering::Relaxed)
+        crate::sys::ring::DROPS_LEAKED.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -69,7 +70,7 @@ pub fn open_backend(
     let batch = batch.clamp(1, 1024);
     match kind {
         BackendKind::Mmsg => Ok((Box::new(MmsgIo::new(packets, udp, batch)?), None)),
-        BackendKind::Uring => match sys::uring::probe() {
+        BackendKind::Uring => match sys::ring::probe() {
             Ok(()) => Ok((Box::new(UringIo::new(packets, udp, batch)?), None)),
             Err(e) => {
                 let why = format!("io_uring unavailable ({e}); using the mmsg backend");

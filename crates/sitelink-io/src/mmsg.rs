@@ -8,10 +8,15 @@ use std::time::Duration;
 
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
+use crate::backend::BackendKind;
+use crate::backend::PacketIo;
 use crate::calls::{MmsgCalls, POLL_OWN, Readiness, read_packet_batch, write_packet_batch};
 use crate::peers::PeerSockets;
+use crate::socket::UdpSocket;
+use crate::stats::IoStats;
 use crate::sys;
-use crate::{BackendKind, IoStats, PacketFd, PacketIo, UdpSocket, Waker};
+use crate::tun::PacketFd;
+use crate::waker::Waker;
 
 /// `recvmmsg`/`sendmmsg` and `epoll`.
 pub struct MmsgIo {

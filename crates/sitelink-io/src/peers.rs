@@ -12,7 +12,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use crate::UdpSocket;
+use crate::socket::UdpSocket;
 
 /// At most this many peers get a connected socket of their own (per worker); the others are
 /// served by the shared socket. With the backend's own three descriptors it stays within what
@@ -45,8 +45,6 @@ pub(crate) struct PeerSocket {
     pub(crate) id: u32,
     /// `mmsg`: datagrams may be waiting on the socket (it was readable, or is new).
     pub(crate) readable: bool,
-    /// `uring`: the socket's multishot receive is armed.
-    pub(crate) recv_armed: bool,
 }
 
 /// The connected sockets of one backend.
@@ -78,7 +76,7 @@ impl PeerSockets {
     /// Makes the list match the first [`MAX_CONNECTED_PEERS`] distinct addresses of `peers`:
     /// sockets no longer wanted are handed to `gone` (which closes them, or holds them until
     /// the kernel is done with them), and new ones are connected beside `main`, marked
-    /// `readable` (they may already hold datagrams) and not armed. Returns the first connect error, after trying every address.
+    /// `readable` (they may already hold datagrams). Returns the first connect error, after trying every address.
     pub(crate) fn update(
         &mut self,
         main: &UdpSocket,
@@ -113,13 +111,7 @@ impl PeerSockets {
             match main.connect_sibling(*addr) {
                 Ok(sock) => {
                     self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-                    self.list.push(PeerSocket {
-                        addr: *addr,
-                        sock,
-                        id: self.next_id,
-                        readable: true,
-                        recv_armed: false,
-                    });
+                    self.list.push(PeerSocket { addr: *addr, sock, id: self.next_id, readable: true });
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use sitelink_frame::{Datagram, PacketBuf};
 
+mod bufring;
 #[cfg(feature = "testing")]
 pub(crate) mod counting;
-pub(crate) mod uring;
+pub(crate) mod ring;
 
 /// Turns a `-1` return into the thread's errno.
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
