@@ -250,18 +250,11 @@ pub(crate) struct Readiness {
     udp_fd: RawFd,
     peer_ids: [u32; MAX_CONNECTED_PEERS],
     peers: usize,
-    events: [libc::epoll_event; POLL_OWN + MAX_CONNECTED_PEERS],
 }
 
 impl Readiness {
     pub(crate) fn new() -> Readiness {
-        Readiness {
-            epoll: None,
-            udp_fd: -1,
-            peer_ids: [0; MAX_CONNECTED_PEERS],
-            peers: 0,
-            events: [libc::epoll_event { events: 0, u64: 0 }; POLL_OWN + MAX_CONNECTED_PEERS],
-        }
+        Readiness { epoll: None, udp_fd: -1, peer_ids: [0; MAX_CONNECTED_PEERS], peers: 0 }
     }
 
     /// Builds the set anew at the next wait (the shared socket was replaced: its descriptor
@@ -297,10 +290,11 @@ impl Readiness {
             self.epoll = Some(epoll);
         }
         let epoll = self.epoll.as_ref().expect("built above");
-        let n = sys::epoll_wait(epoll.as_fd(), &mut self.events, timeout)?;
+        let mut events = [sys::epoll_event(); POLL_OWN + MAX_CONNECTED_PEERS];
+        let n = sys::epoll_wait(epoll.as_fd(), &mut events, timeout)?;
         let mut ready = [false; POLL_OWN + MAX_CONNECTED_PEERS];
-        for e in &self.events[..n] {
-            if let Some(r) = ready.get_mut(e.u64 as usize) {
+        for e in &events[..n] {
+            if let Some(r) = ready.get_mut(e.data.u64() as usize) {
                 *r = true;
             }
         }

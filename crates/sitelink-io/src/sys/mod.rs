@@ -21,11 +21,6 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
 }
 
-/// Like [`check`] for calls returning `ssize_t`.
-fn check_size(ret: libc::ssize_t) -> io::Result<usize> {
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret as usize) }
-}
-
 // ---- TUN ---------------------------------------------------------------------------------
 
 /// `struct ifreq` as the kernel lays it out: a 16-byte name, then a 24-byte union of which we
@@ -65,11 +60,7 @@ impl IfReq {
 /// `IFF_TUN | IFF_NO_PI`, with `IFF_MULTI_QUEUE` when asked. Returns the descriptor and the
 /// interface's name as the kernel has it.
 pub(crate) fn tun_open(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)> {
-    let path = c"/dev/net/tun";
-    // SAFETY: `path` is a valid NUL-terminated string; open has no other preconditions.
-    let fd = check(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
-    // SAFETY: `fd` was just returned by open and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fd = OwnedFd::from(std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?);
     let mut req = IfReq::new(name)?;
     let mut flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
     if multi_queue {
@@ -92,22 +83,15 @@ pub(crate) fn tun_info(fd: BorrowedFd<'_>) -> io::Result<(String, bool)> {
 
 /// Receives one datagram into `buf` if one is queued, without blocking: `Ok(None)` if none.
 pub(crate) fn recv_now(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call's duration.
-    let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-    match check_size(r) {
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(e) => Err(e),
+    match rustix::net::recv(fd, buf, rustix::net::RecvFlags::DONTWAIT) {
+        Ok((n, _)) => Ok(Some(n)),
+        Err(rustix::io::Errno::AGAIN) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// Runs one `SIOC[GS]IF*` request on interface `name`: `fill` sets the request's fields,
-/// and the kernel's answer comes back in the returned `ifreq`.
 fn ifreq_ioctl(name: &str, request: libc::c_ulong, fill: impl FnOnce(&mut IfReq)) -> io::Result<IfReq> {
-    // SAFETY: socket has no memory preconditions.
-    let sock = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `sock` was just returned by socket and is owned by nobody else.
-    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     let mut req = IfReq::new(name)?;
     fill(&mut req);
     // SAFETY: the SIOC[GS]IF* requests used here read and write one `struct ifreq`.
@@ -142,12 +126,7 @@ pub(crate) fn set_up(name: &str) -> io::Result<()> {
 
 /// Sets or clears `O_NONBLOCK`.
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
-    // SAFETY: F_GETFL takes no argument and the descriptor is borrowed live.
-    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    let flags = if on { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
-    // SAFETY: F_SETFL takes an int argument.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) })?;
-    Ok(())
+    Ok(rustix::io::ioctl_fionbio(fd, on)?)
 }
 
 /// Takes ownership of a descriptor number handed over by a parent process (WG_TUN_FD,
@@ -161,26 +140,6 @@ pub(crate) unsafe fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
     // SAFETY: the caller promises `fd` is owned by no one else (this function's contract).
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Adopting inherited descriptors: `unsafe`, so it lives here; the safe way in is
-/// [`crate::take_inherited_fd`].
-impl crate::Tun {
-    /// Takes the descriptor number `fd`, inherited from a parent process. A program handed
-    /// the descriptor in an environment variable can use [`take_inherited_fd`](crate::take_inherited_fd) and
-    /// [`from_fd`](crate::Tun::from_fd) instead, without `unsafe`.
-    ///
-    /// # Safety
-    /// `fd` must be open and owned by nothing else in this process: the `Tun` closes it.
-    ///
-    /// ```compile_fail
-    /// // Not callable from safe code: any number could be turned into an owner (a double close).
-    /// let _ = sitelink_io::Tun::from_raw_inherited(3);
-    /// ```
-    pub unsafe fn from_raw_inherited(fd: RawFd) -> io::Result<crate::Tun> {
-        // SAFETY: the caller upholds `adopt_fd`'s contract, which is this function's.
-        crate::Tun::from_fd(unsafe { adopt_fd(fd) }?)
-    }
 }
 
 /// Takes ownership of descriptor `fd` inherited from a parent process, after checking that it
@@ -223,22 +182,18 @@ pub(crate) fn take_numbered_fd(var: &str, value: &str) -> io::Result<OwnedFd> {
 
 /// One `read(2)` into `buf`.
 pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the call's duration.
-    check_size(unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) })
+    Ok(rustix::io::read(fd, buf)?)
 }
 
 /// One `write(2)` of `buf`.
 pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call's duration.
-    check_size(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+    Ok(rustix::io::write(fd, buf)?)
 }
 
-/// A non-blocking `eventfd`, used to wake a worker blocked in `poll`.
+/// A non-blocking `eventfd`, used to wake a worker blocked in a wait.
 pub(crate) fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd has no memory preconditions.
-    let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-    // SAFETY: `fd` was just returned by eventfd and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::event::EventfdFlags;
+    Ok(rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?)
 }
 
 /// Adds one to an eventfd's counter.
@@ -262,93 +217,67 @@ pub(crate) fn poll(
     readable: &mut [bool],
     timeout: Option<Duration>,
 ) -> io::Result<()> {
-    const MAX: usize = POLL_MAX;
-    assert!(fds.len() <= MAX && readable.len() == fds.len(), "poll: at most {MAX} descriptors");
-    let mut pfds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; MAX];
-    for (p, fd) in pfds.iter_mut().zip(fds) {
-        p.fd = fd.as_raw_fd();
-        p.events = libc::POLLIN;
+    use rustix::event::{PollFd, PollFlags};
+    assert!(fds.len() <= POLL_MAX && readable.len() == fds.len(), "poll: at most {POLL_MAX} descriptors");
+    let Some(last) = fds.len().checked_sub(1) else { return Ok(()) };
+    // On the stack (this runs per packet in an embedded link's receive): unused slots repeat
+    // the last descriptor and are not passed.
+    let mut pfds: [PollFd<'_>; POLL_MAX] =
+        std::array::from_fn(|i| PollFd::new(&fds[i.min(last)], PollFlags::IN));
+    let pfds = &mut pfds[..fds.len()];
+    let timeout = timeout.map(timespec);
+    match rustix::event::poll(pfds, timeout.as_ref()) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => {}
+        Err(e) => return Err(e.into()),
     }
-    let ms = poll_timeout_ms(timeout);
-    // SAFETY: `pfds` holds `fds.len()` initialised pollfd structs, valid for the call.
-    let r = unsafe { libc::poll(pfds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    match check(r) {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-        Err(e) => return Err(e),
-    }
-    for (r, p) in readable.iter_mut().zip(&pfds) {
-        *r = p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+    for (r, p) in readable.iter_mut().zip(pfds.iter()) {
+        *r = p.revents().intersects(PollFlags::IN | PollFlags::ERR | PollFlags::HUP);
     }
     Ok(())
 }
 
 /// A new epoll instance.
 pub(crate) fn epoll_new() -> io::Result<OwnedFd> {
-    // SAFETY: epoll_create1 takes no pointers; the descriptor it returns is ours alone.
-    let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-    // SAFETY: `fd` was just opened and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(rustix::event::epoll::create(rustix::event::epoll::CreateFlags::CLOEXEC)?)
 }
 
 /// Registers `fd` with `epoll` for readability (level-triggered), reported with `data`.
 pub(crate) fn epoll_add(epoll: BorrowedFd<'_>, fd: BorrowedFd<'_>, data: u64) -> io::Result<()> {
-    let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: data };
-    // SAFETY: both descriptors are borrowed live; `event` is initialised and read during the
-    // call only.
-    check(unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut event) })?;
-    Ok(())
+    use rustix::event::epoll;
+    Ok(epoll::add(epoll, fd, epoll::EventData::new_u64(data), epoll::EventFlags::IN)?)
 }
+
+/// An empty epoll event, to size the buffer [`epoll_wait`] fills.
+pub(crate) fn epoll_event() -> EpollEvent {
+    use rustix::event::epoll;
+    EpollEvent { flags: epoll::EventFlags::empty(), data: epoll::EventData::new_u64(0) }
+}
+
+/// One event `epoll_wait` reported.
+pub(crate) type EpollEvent = rustix::event::epoll::Event;
 
 /// Waits up to `timeout` (`None`: without limit) for registered descriptors to be ready;
 /// returns how many events it wrote at the front of `events` (0 on a timeout or a signal).
 pub(crate) fn epoll_wait(
     epoll: BorrowedFd<'_>,
-    events: &mut [libc::epoll_event],
+    events: &mut [EpollEvent],
     timeout: Option<Duration>,
 ) -> io::Result<usize> {
-    let ms = poll_timeout_ms(timeout);
-    let max = events.len().min(i32::MAX as usize) as i32;
-    // SAFETY: `events` has room for `max` events, written by the kernel during the call only.
-    let r = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), max, ms) };
-    match check(r) {
-        Ok(n) => Ok(n as usize),
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
-        Err(e) => Err(e),
+    let timeout = timeout.map(timespec);
+    match rustix::event::epoll::wait(epoll, events, timeout.as_ref()) {
+        Ok(n) => Ok(n),
+        Err(rustix::io::Errno::INTR) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
-/// A timeout in whole milliseconds for `poll`/`epoll_wait`, rounded up (a wait never ends
-/// early), at most a minute; -1 without one.
-fn poll_timeout_ms(timeout: Option<Duration>) -> i32 {
-    match timeout {
-        None => -1,
-        Some(d) => {
-            d.as_millis().saturating_add(u128::from(d.subsec_nanos() % 1_000_000 != 0)).min(60_000) as i32
-        }
-    }
+/// A timeout as the kernel takes it, at most a minute.
+fn timespec(d: Duration) -> rustix::event::Timespec {
+    let d = d.min(Duration::from_secs(60));
+    rustix::event::Timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos().into() }
 }
 
 // ---- Sockets -----------------------------------------------------------------------------
-
-fn setsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: the option value is one c_int, passed with its exact size.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(|_| ())
-}
 
 fn getsockopt_int(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
@@ -460,31 +389,27 @@ pub(crate) fn udp_bind(opts: UdpOptions, loopback_only: bool) -> io::Result<(Own
 
 /// A socket of one family bound as `opts` says; an IPv6 one is dual-stack unless `v6only`.
 fn udp_bind_family(opts: UdpOptions, ipv6: bool, loopback_only: bool, v6only: bool) -> io::Result<OwnedFd> {
-    let family = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: socket has no memory preconditions.
-    let fd = check(unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `fd` was just returned by socket and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let b = fd.as_fd_borrow();
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(if ipv6 { Domain::IPV6 } else { Domain::IPV4 }, Type::DGRAM, None)?;
     if ipv6 {
-        setsockopt_int(b, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, libc::c_int::from(v6only))?;
+        socket.set_only_v6(v6only)?;
     }
     if opts.reuse_port {
-        setsockopt_int(b, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+        socket.set_reuse_port(true)?;
     }
     if opts.fwmark != 0 {
-        setsockopt_int(b, libc::SOL_SOCKET, libc::SO_MARK, opts.fwmark as libc::c_int)?;
+        socket.set_mark(opts.fwmark)?;
     }
-    let size = opts.buffer_bytes.min(i32::MAX as u32) as libc::c_int;
+    let size = opts.buffer_bytes.min(i32::MAX as u32) as usize;
     if size > 0 {
         // The FORCE variants pass the sysctl limits when we hold CAP_NET_ADMIN; otherwise the
         // plain ones give what the limits allow.
-        for (force, plain) in
-            [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)]
-        {
-            if setsockopt_int(b, libc::SOL_SOCKET, force, size).is_err() {
-                let _ = setsockopt_int(b, libc::SOL_SOCKET, plain, size);
-            }
+        use rustix::net::sockopt;
+        if sockopt::set_socket_recv_buffer_size_force(&socket, size).is_err() {
+            let _ = socket.set_recv_buffer_size(size);
+        }
+        if sockopt::set_socket_send_buffer_size_force(&socket, size).is_err() {
+            let _ = socket.set_send_buffer_size(size);
         }
     }
     let ip: std::net::IpAddr = match (ipv6, loopback_only) {
@@ -492,12 +417,8 @@ fn udp_bind_family(opts: UdpOptions, ipv6: bool, loopback_only: bool, v6only: bo
         (false, false) => Ipv4Addr::UNSPECIFIED.into(),
         (false, true) => Ipv4Addr::LOCALHOST.into(),
     };
-    let addr = RawAddr::new(SocketAddr::new(ip, opts.port), ipv6);
-    // SAFETY: `addr.storage` holds a socket address of `addr.len` bytes.
-    check(unsafe {
-        libc::bind(fd.as_raw_fd(), (&addr.storage as *const libc::sockaddr_in6).cast(), addr.len)
-    })?;
-    Ok(fd)
+    socket.bind(&SocketAddr::new(ip, opts.port).into())?;
+    Ok(socket.into())
 }
 
 /// A socket bound as `opts` says (its port, `SO_REUSEPORT`, buffers, mark) and connected to
@@ -510,56 +431,29 @@ pub(crate) fn udp_connected(opts: UdpOptions, loopback_only: bool, peer: SocketA
         return Err(io::Error::new(io::ErrorKind::Unsupported, "an IPv6 peer on a loopback-only link"));
     }
     let fd = udp_bind_family(UdpOptions { reuse_port: true, ..opts }, v6, loopback_only, v6)?;
-    let addr = RawAddr::new(peer, v6);
-    // SAFETY: `addr.storage` holds a socket address of `addr.len` bytes.
-    check(unsafe {
-        libc::connect(fd.as_raw_fd(), (&addr.storage as *const libc::sockaddr_in6).cast(), addr.len)
-    })?;
+    socket2::SockRef::from(&fd).connect(&peer.into())?;
     Ok(fd)
 }
 
 /// Sets `SO_RCVTIMEO` (`None` blocks forever).
 pub(crate) fn set_recv_timeout(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<()> {
-    let d = timeout.unwrap_or(Duration::ZERO);
-    let tv = libc::timeval {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_usec: d.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: the option value is one timeval, passed with its exact size.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    })
-    .map(|_| ())
+    Ok(rustix::net::sockopt::set_socket_timeout(fd, rustix::net::sockopt::Timeout::Recv, timeout)?)
 }
 
 /// The local port a socket is bound to.
 pub(crate) fn local_port(fd: BorrowedFd<'_>) -> io::Result<u16> {
-    let mut addr = RawAddr::empty();
-    // SAFETY: `addr.storage` is valid for writes of `addr.len` bytes; the kernel updates `len`.
-    check(unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut addr.storage as *mut libc::sockaddr_in6).cast(),
-            &mut addr.len,
-        )
-    })?;
-    addr.socket_addr().map(|a| a.port()).ok_or_else(|| io::Error::other("unknown address family"))
+    let addr = socket2::SockRef::from(&fd).local_addr()?;
+    addr.as_socket().map(|a| a.port()).ok_or_else(|| io::Error::other("unknown address family"))
 }
 
 /// Sets `SO_MARK` on a socket.
 pub(crate) fn set_fwmark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
+    socket2::SockRef::from(&fd).set_mark(mark)
 }
 
 /// The receive buffer size the kernel gave a socket.
 pub(crate) fn recv_buffer_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF).map(|v| v as usize)
+    socket2::SockRef::from(&fd).recv_buffer_size()
 }
 
 /// Whether the kernel accepts `UDP_SEGMENT` (GSO) on this socket.
@@ -727,24 +621,11 @@ pub(crate) struct SendGroup {
     pub(crate) segment: u16,
 }
 
-/// Small helper so that `OwnedFd` and `BorrowedFd` read alike above.
-trait AsFdBorrow {
-    fn as_fd_borrow(&self) -> BorrowedFd<'_>;
-}
-
-impl AsFdBorrow for OwnedFd {
-    fn as_fd_borrow(&self) -> BorrowedFd<'_> {
-        use std::os::fd::AsFd;
-        self.as_fd()
-    }
-}
-
 // ---- Process -----------------------------------------------------------------------------
 
 /// Whether the process runs with an effective uid of 0.
 pub(crate) fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 #[cfg(test)]
