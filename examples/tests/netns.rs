@@ -213,3 +213,37 @@ fn wg_quick_drives_sitelinkd_and_the_conf_commands_round_trip() {
     pair.ns_exec(1, &format!("wg-quick down {} </dev/null >/dev/null 2>&1", conf(1).display()));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `wg addconf` of 10,000 peers with endpoints (about 1 MiB of UAPI text) is applied, and
+/// `wg show` lists them; sitelinkd used to close the socket mid-request (wg died of SIGPIPE).
+#[test]
+fn wg_addconf_of_ten_thousand_peers_is_applied() {
+    if !can_run(&needs(Impl::Sitelink("mmsg"))) {
+        return;
+    }
+    let mut pair = Pair::new();
+    pair.start(0, Impl::Sitelink("mmsg"));
+    let path = std::env::temp_dir().join(format!("sitelink-addconf-{}.conf", pair.ifname[0]));
+    // Made-up public keys (wg checks only their encoding), endpoints inside the test's own
+    // namespace; nothing is sent to them, as nothing is routed to these peers.
+    let mut conf = String::with_capacity(2 << 20);
+    for i in 0..10_000u32 {
+        let mut key = [0x42u8; 32];
+        key[..4].copy_from_slice(&i.to_le_bytes());
+        let key = sitelink::PublicKey::from_bytes(key).to_base64();
+        conf += &format!(
+            "[Peer]\nPublicKey = {key}\nAllowedIPs = 10.{}.{}.{}/32\nEndpoint = 10.201.0.2:{}\n\n",
+            100 + (i >> 16),
+            (i >> 8) & 255,
+            i & 255,
+            1024 + i
+        );
+    }
+    std::fs::write(&path, conf).expect("conf");
+    let (ok, out) =
+        common::sh(&format!("ip netns exec {} wg addconf {} {}", pair.ns[0], pair.ifname[0], path.display()));
+    let _ = std::fs::remove_file(&path);
+    assert!(ok, "wg addconf failed: {out}");
+    let peers = pair.ns_exec(0, &format!("wg show {} peers", pair.ifname[0]));
+    assert_eq!(peers.lines().count(), 10_000);
+}

@@ -442,7 +442,8 @@ impl Link {
     /// listen port, the fwmark, the private key, then the peers (all removed first with
     /// `replace_peers`). Values equal to those in force change nothing, so an unchanged
     /// reload keeps every session. A peer with the link's own public key is ignored, as
-    /// wireguard-go does. Stops at the first failure, with what came before it applied.
+    /// wireguard-go does. All or nothing: only the listen port can fail (a port another
+    /// socket holds), and it is applied first, so a change that fails changes nothing.
     pub fn apply(&self, change: SetRequest) -> Result<(), LinkError> {
         if let Some(port) = change.listen_port {
             self.set_listen_port(port)?;

@@ -16,8 +16,12 @@ use crate::parse::shown_key;
 pub use crate::parse::{parse_endpoint, resolve_endpoint};
 use crate::{IpNet, Link, LinkError, PresharedKey, PrivateKey, PublicKey};
 
-/// The most bytes one request may carry; longer requests are refused (bounded memory).
-pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// The most bytes one `set=1` request may carry: 16 MiB, some 150,000 peers with an endpoint
+/// and an allowed IP each. A request is parsed line by line as it arrives, so this bounds the
+/// parsed request, not a copy of its text. A longer request is read to its end (so that `wg`,
+/// which writes it all before it reads the answer, is not cut off mid-write) and answered
+/// with `errno=-EMSGSIZE`, and the refusal is logged; nothing of it is applied.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 
 /// A UAPI failure, answered as `errno=N`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +44,9 @@ pub enum UapiError {
     /// Applying the request failed in the link (EIO).
     #[error("{0}")]
     Apply(String),
+    /// The request was longer than [`MAX_REQUEST_BYTES`] (EMSGSIZE).
+    #[error("request longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLarge,
 }
 
 impl UapiError {
@@ -50,6 +57,7 @@ impl UapiError {
             UapiError::Protocol(_) => libc_errno::EPROTO,
             UapiError::PortInUse => libc_errno::EADDRINUSE,
             UapiError::Apply(_) => libc_errno::EIO,
+            UapiError::TooLarge => libc_errno::EMSGSIZE,
         }
     }
 }
@@ -59,6 +67,7 @@ mod libc_errno {
     pub(super) const EIO: i32 = 5;
     pub(super) const EINVAL: i32 = 22;
     pub(super) const EPROTO: i32 = 71;
+    pub(super) const EMSGSIZE: i32 = 90;
     pub(super) const EADDRINUSE: i32 = 98;
 }
 
@@ -68,12 +77,27 @@ fn invalid(line: usize, message: impl Into<String>) -> UapiError {
 
 /// Parses the body of a `set=1` request (the lines after `set=1`, up to the empty line).
 pub fn parse_set(body: &str) -> Result<SetRequest, UapiError> {
-    let mut req = SetRequest::default();
+    let mut parser = SetParser::default();
     for (i, raw) in body.lines().enumerate() {
-        let line = i + 1;
         if raw.is_empty() {
             break;
         }
+        parser.line(i + 1, raw)?;
+    }
+    Ok(parser.finish())
+}
+
+/// A `set=1` request parsed line by line, as it arrives: nothing but the parsed request is
+/// kept, whatever its size.
+#[derive(Debug, Default)]
+pub struct SetParser {
+    req: SetRequest,
+}
+
+impl SetParser {
+    /// Takes line `line` (1-based, without its newline).
+    pub fn line(&mut self, line: usize, raw: &str) -> Result<(), UapiError> {
+        let req = &mut self.req;
         let (key, value) = raw.split_once('=').ok_or_else(|| invalid(line, "expected key=value"))?;
         let flag = |v: &str| match v {
             "true" => Ok(true),
@@ -115,8 +139,13 @@ pub fn parse_set(body: &str) -> Result<SetRequest, UapiError> {
                 parse_peer_line(p, key, value, line, flag)?;
             }
         }
+        Ok(())
     }
-    Ok(req)
+
+    /// The request.
+    pub fn finish(self) -> SetRequest {
+        self.req
+    }
 }
 
 fn parse_peer_line(
@@ -239,33 +268,49 @@ pub fn handle_one(link: &Link, reader: &mut impl BufRead, writer: &mut impl Writ
             writer.write_all(reply.as_bytes())?;
         }
         "set=1" => {
-            let mut body = String::new();
+            // Parsed as it arrives. After the first error (or past the size limit) the rest
+            // is read and dropped, so that the client, which writes the whole request before
+            // it reads, gets its answer rather than a broken pipe.
+            let mut parser = SetParser::default();
+            let mut failed: Option<UapiError> = None;
             let mut line = String::new();
-            let mut complete = false;
+            let (mut number, mut bytes, mut complete) = (0, 0, false);
             loop {
                 line.clear();
-                if read_line_bounded(reader, &mut line)? == 0 {
-                    break;
+                match read_line_bounded(reader, &mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                        // A line of over 64 KiB is no UAPI line: answer, then hang up.
+                        tracing::warn!("UAPI set refused: a line longer than 64 KiB");
+                        return reply_errno(writer, &UapiError::TooLarge).map(|_| false);
+                    }
+                    Err(e) => return Err(e),
                 }
                 if line == "\n" {
                     complete = true;
                     break;
                 }
-                if body.len() + line.len() > MAX_REQUEST_BYTES {
-                    return reply_errno(writer, &UapiError::Protocol("request too long".into()))
-                        .map(|_| false);
+                number += 1;
+                bytes += line.len();
+                if failed.is_some() {
+                    continue;
                 }
-                body.push_str(&line);
+                if bytes > MAX_REQUEST_BYTES {
+                    failed = Some(UapiError::TooLarge);
+                } else if let Err(e) = parser.line(number, line.trim_end_matches('\n')) {
+                    failed = Some(e);
+                }
             }
-            let result = if complete {
-                parse_set(&body).and_then(|req| apply_set(link, req))
-            } else {
-                Err(UapiError::Protocol("request ended before its empty line".into()))
+            let result = match (failed, complete) {
+                (Some(e), _) => Err(e),
+                (None, false) => Err(UapiError::Protocol("request ended before its empty line".into())),
+                (None, true) => apply_set(link, parser.finish()),
             };
             match result {
                 Ok(()) => writer.write_all(b"errno=0\n\n")?,
                 Err(e) => {
-                    tracing::info!(error = %e, "UAPI set refused");
+                    tracing::warn!(error = %e, "UAPI set refused");
                     reply_errno(writer, &e)?;
                 }
             }
