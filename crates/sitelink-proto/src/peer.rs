@@ -134,6 +134,12 @@ pub(crate) struct Peer {
     pub(crate) previous: Option<Keypair>,
 
     pub(crate) timers: [Option<Instant>; Timer::ALL.len()],
+    /// The time of each timer's entry in the device's timer queue, if it has one: never later
+    /// than the timer itself, so the queue's head is never later than the earliest timer of
+    /// any peer. A timer pushed back keeps its entry (no queue work per packet).
+    pub(crate) queued: [Option<Instant>; Timer::ALL.len()],
+    /// Told apart from a later peer with the same id by the device's timer queue.
+    pub(crate) epoch: u32,
     pub(crate) need_another_keepalive: bool,
     pub(crate) sent_lastminute_handshake: bool,
 
@@ -158,6 +164,8 @@ impl Peer {
             current: None,
             previous: None,
             timers: [None; Timer::ALL.len()],
+            queued: [None; Timer::ALL.len()],
+            epoch: 0,
             need_another_keepalive: false,
             sent_lastminute_handshake: false,
             staged: VecDeque::new(),
@@ -170,9 +178,17 @@ impl Peer {
         self.timers[t as usize]
     }
 
+    /// Sets timer `t` to `at`. Returns whether the device must queue an entry for it (none
+    /// is queued at or before `at`); the entry's time is then recorded as queued.
     #[inline]
-    pub(crate) fn set_timer(&mut self, t: Timer, at: Instant) {
+    #[must_use]
+    pub(crate) fn set_timer(&mut self, t: Timer, at: Instant) -> bool {
         self.timers[t as usize] = Some(at);
+        let queue = self.queued[t as usize].is_none_or(|q| q > at);
+        if queue {
+            self.queued[t as usize] = Some(at);
+        }
+        queue
     }
 
     #[inline]

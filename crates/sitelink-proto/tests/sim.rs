@@ -648,3 +648,45 @@ mod scripts {
         run_script(&script);
     }
 }
+
+#[test]
+fn a_hub_with_hundreds_of_peers_fires_each_timer_on_time() {
+    // A hub with 300 sites, each with its own persistent keepalive (1 to 25 s): over 100 s
+    // every site gets its keepalives on schedule, through one timer queue.
+    use sitelink_proto::PeerConfig;
+    let mut net = Net::new(41);
+    let hub = net.add_node(|_| {});
+    let sites: Vec<usize> = (0..300).map(|_| net.add_node(|_| {})).collect();
+    for &site in &sites {
+        net.link(hub, site, None, None);
+    }
+    for &site in &sites {
+        net.send(hub, site, b"up");
+    }
+    net.run_for(secs(1));
+    let interval = |site: usize| 1 + (site as u64 % 25);
+    for &site in &sites {
+        let mut pc = PeerConfig::new(node_key(site).public_key());
+        pc.endpoint = Some(net.nodes[site].addr);
+        pc.allowed_ips = vec![sitelink_proto::IpNet::new(net.nodes[site].inner.into(), 32).unwrap()];
+        pc.persistent_keepalive = Some(secs(interval(site)));
+        let now = net.now;
+        net.nodes[hub].dev.upsert_peer(now, pc).unwrap();
+    }
+    // Past the sites' own keepalive (10 s after the data they received), which moves the
+    // hub's schedule once; from then on only the hub's keepalives travel.
+    net.run_for(secs(12));
+    let before: Vec<u64> = sites.iter().map(|&s| stats(&net, hub, s).keepalives_sent).collect();
+    net.run_for(secs(100));
+    for (i, &site) in sites.iter().enumerate() {
+        let sent = stats(&net, hub, site).keepalives_sent - before[i];
+        let expected = 100 / interval(site);
+        assert!(
+            sent.abs_diff(expected) <= 1,
+            "site {site} (every {} s): {sent} keepalives in 100 s, expected {expected}",
+            interval(site)
+        );
+        assert_eq!(stats(&net, site, hub).keepalives_received, stats(&net, hub, site).keepalives_sent);
+    }
+    net.nodes[hub].dev.check_invariants().unwrap();
+}

@@ -58,7 +58,9 @@ impl Device {
             Some(&pid) => pid,
             None => {
                 let keys = PeerKeys::new(&self.identity, config.public_key, PresharedKey::none());
-                let peer = Peer::new(keys);
+                let mut peer = Peer::new(keys);
+                peer.epoch = self.next_epoch;
+                self.next_epoch = self.next_epoch.wrapping_add(1);
                 let pid = match self.free_ids.pop() {
                     Some(i) => {
                         self.peers[i as usize] = Some(peer);
@@ -159,7 +161,7 @@ impl Device {
         if interval.is_none() {
             peer.cancel_timer(Timer::PersistentKeepalive);
         } else if turned_on {
-            peer.set_timer(Timer::PersistentKeepalive, now);
+            self.arm(pid, Timer::PersistentKeepalive, now);
         }
         Ok(())
     }

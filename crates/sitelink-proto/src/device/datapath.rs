@@ -317,7 +317,7 @@ impl Device {
                     let peer = self.peer_mut(pid);
                     peer.stats.rx_packets += 1;
                     if peer.timer(Timer::SendKeepalive).is_none() {
-                        peer.set_timer(Timer::SendKeepalive, now + timing.keepalive_timeout);
+                        self.arm(pid, Timer::SendKeepalive, now + timing.keepalive_timeout);
                     } else {
                         peer.need_another_keepalive = true;
                     }

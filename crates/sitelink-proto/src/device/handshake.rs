@@ -99,7 +99,7 @@ impl Device {
         self.stats.handshake_initiations_sent += 1;
         out.push(Datagram { addr: endpoint, buf });
         let jitter = self.jitter();
-        self.peer_mut(pid).set_timer(Timer::RetransmitHandshake, now + timing.rekey_timeout + jitter);
+        self.arm(pid, Timer::RetransmitHandshake, now + timing.rekey_timeout + jitter);
         self.on_authenticated_sent(now, pid, false);
     }
 

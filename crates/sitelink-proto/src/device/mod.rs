@@ -5,7 +5,8 @@
 //! keys, routes), [`datapath`] (encapsulate, decapsulate, complete), [`handshake`]
 //! (initiations, responses, cookies) and [`timers`].
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -180,6 +181,21 @@ pub struct Device {
     jitter_state: u64,
     /// Bumped whenever the set of peer endpoints may have changed (see `endpoint_generation`).
     endpoint_generation: u64,
+    /// Every armed timer of every peer, earliest first (see `timers.rs`): the turn touches
+    /// only the peers whose timers are due.
+    timer_queue: BinaryHeap<Reverse<TimerEntry>>,
+    /// The epoch the next peer gets (see `Peer::epoch`).
+    next_epoch: u32,
+}
+
+/// One entry of the timer queue: peer `pid` (of `epoch`) has timer `timer` due at `at`, or
+/// later if it was pushed back since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct TimerEntry {
+    at: Instant,
+    pid: u32,
+    epoch: u32,
+    timer: u8,
 }
 
 impl std::fmt::Debug for Device {
@@ -241,6 +257,8 @@ impl Device {
             scratch: CryptoBatch::default(),
             jitter_state,
             endpoint_generation: 0,
+            timer_queue: BinaryHeap::new(),
+            next_epoch: 0,
             config,
         }
     }
@@ -288,11 +306,21 @@ impl Device {
                 return Err(format!("index {index:#x} names {pid:?}, which does not hold it"));
             }
         }
+        let in_queue: std::collections::HashSet<TimerEntry> = self.timer_queue.iter().map(|r| r.0).collect();
         let mut held = 0;
         for (i, peer) in self.peers.iter().enumerate() {
             let Some(peer) = peer else { continue };
             if peer.staged.len() > self.config.max_staged_packets.max(1) {
                 return Err(format!("peer {i} stages {} packets", peer.staged.len()));
+            }
+            for (t, (at, queued)) in peer.timers.iter().zip(&peer.queued).enumerate() {
+                let Some(at) = at else { continue };
+                let entry =
+                    queued.map(|q| TimerEntry { at: q, pid: i as u32, epoch: peer.epoch, timer: t as u8 });
+                match entry {
+                    Some(e) if e.at <= *at && in_queue.contains(&e) => {}
+                    _ => return Err(format!("peer {i}'s timer {t} has no queue entry at or before it")),
+                }
             }
             for index in peer.indices() {
                 held += 1;

@@ -1,12 +1,13 @@
 //! Timers (WireGuard whitepaper, section 6): what each event arms or cancels, when the next
 //! one is due, and what firing each one does.
 
+use std::cmp::Reverse;
 use std::time::{Duration, Instant};
 
 use sitelink_frame::Datagram;
 
-use super::Device;
 use super::DeviceError;
+use super::{Device, TimerEntry, live};
 use crate::batch::CryptoBatch;
 use crate::config::Timing;
 use crate::peer::{PeerId, Timer};
@@ -19,14 +20,16 @@ impl Device {
         let jitter = if needs_new_handshake_timer { self.jitter() } else { Duration::ZERO };
         let peer = self.peer_mut(pid);
         peer.cancel_timer(Timer::SendKeepalive);
+        let keepalive = peer.persistent_keepalive;
         if needs_new_handshake_timer {
-            peer.set_timer(
+            self.arm(
+                pid,
                 Timer::NewHandshake,
                 now + timing.keepalive_timeout + timing.rekey_timeout + jitter,
             );
         }
-        if let Some(interval) = peer.persistent_keepalive {
-            peer.set_timer(Timer::PersistentKeepalive, now + interval);
+        if let Some(interval) = keepalive {
+            self.arm(pid, Timer::PersistentKeepalive, now + interval);
         }
     }
 
@@ -34,7 +37,7 @@ impl Device {
         let peer = self.peer_mut(pid);
         peer.cancel_timer(Timer::NewHandshake);
         if let Some(interval) = peer.persistent_keepalive {
-            peer.set_timer(Timer::PersistentKeepalive, now + interval);
+            self.arm(pid, Timer::PersistentKeepalive, now + interval);
         }
     }
 
@@ -55,7 +58,7 @@ impl Device {
 
     pub(super) fn session_derived(&mut self, now: Instant, pid: PeerId) {
         let t = self.config.timing.reject_after_time * 3;
-        self.peer_mut(pid).set_timer(Timer::ZeroKeyMaterial, now + t);
+        self.arm(pid, Timer::ZeroKeyMaterial, now + t);
     }
 
     /// A session is up: on the initiator when the response arrives, on the responder when the
@@ -85,29 +88,101 @@ impl Device {
         }
     }
 
-    /// The earliest time at which [`on_timers`](Self::on_timers) has work, if any.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.peers.iter().flatten().flat_map(|p| p.timers.iter().flatten()).min().copied()
+    /// Sets `pid`'s timer `t` to `at`, queueing an entry for it unless one is queued at or
+    /// before `at` (a timer pushed back, as most are on every packet, costs no queue work).
+    pub(super) fn arm(&mut self, pid: PeerId, t: Timer, at: Instant) {
+        let peer = self.peer_mut(pid);
+        if peer.set_timer(t, at) {
+            let epoch = peer.epoch;
+            self.timer_queue.push(Reverse(TimerEntry { at, pid: pid.0, epoch, timer: t as u8 }));
+        }
     }
 
-    /// Runs every timer due at `now`: handshake retries, keepalives, rekeys, key erasure.
+    /// The earliest time at which [`on_timers`](Self::on_timers) has work, if any: the head of
+    /// the timer queue, O(1). (It may be a little early, after a timer was cancelled or
+    /// removed with its peer: `on_timers` then finds nothing due, and moves it on.)
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timer_queue.peek().map(|e| e.0.at)
+    }
+
+    /// Runs every timer due at `now`: handshake retries, keepalives, rekeys, key erasure. It
+    /// touches only the peers whose timers are due, whatever the number of peers.
     pub fn on_timers(&mut self, now: Instant, out: &mut Vec<Datagram>) {
         self.with_scratch(|dev, batch| {
             dev.adopt_batch(batch);
-            for i in 0..dev.peers.len() {
-                let pid = PeerId(i as u32);
-                for timer in Timer::ALL {
-                    let Some(peer) = dev.peers[i].as_mut() else { break };
-                    if peer.timer(timer).is_none_or(|t| t > now) {
-                        continue;
-                    }
-                    peer.cancel_timer(timer);
+            // Entries queued while firing (a timer armed for `now`) wait for the next call.
+            let mut budget = dev.timer_queue.len();
+            while budget > 0 {
+                budget -= 1;
+                match dev.timer_queue.peek() {
+                    Some(Reverse(e)) if e.at <= now => {}
+                    _ => break,
+                }
+                let Some(Reverse(entry)) = dev.timer_queue.pop() else { break };
+                if let Some((pid, timer)) = dev.settle(entry, now) {
                     dev.fire(now, pid, timer, batch, out);
                 }
             }
+            dev.tidy_timer_queue(now);
             // Keepalives and staged packets: few, so sealed here rather than handed out.
             batch.seal_into(out);
         });
+    }
+
+    /// Takes a popped queue entry: the timer to fire now (cancelled in its peer), or `None`
+    /// when the entry is stale (its peer gone, an earlier entry queued since, the timer
+    /// cancelled) or the timer was pushed back (queued again for its new time).
+    fn settle(&mut self, entry: TimerEntry, now: Instant) -> Option<(PeerId, Timer)> {
+        let pid = PeerId(entry.pid);
+        let peer = live(&mut self.peers, pid).filter(|p| p.epoch == entry.epoch)?;
+        let timer = Timer::ALL[usize::from(entry.timer)];
+        let t = timer as usize;
+        if peer.queued[t] != Some(entry.at) {
+            return None;
+        }
+        peer.queued[t] = None;
+        match peer.timers[t] {
+            None => None,
+            Some(at) if at > now => {
+                peer.queued[t] = Some(at);
+                self.timer_queue.push(Reverse(TimerEntry { at, ..entry }));
+                None
+            }
+            Some(_) => {
+                peer.cancel_timer(timer);
+                Some((pid, timer))
+            }
+        }
+    }
+
+    /// Drops stale entries from the queue's head and moves pushed-back ones to their time,
+    /// so that [`next_deadline`](Self::next_deadline) is the earliest live timer's.
+    fn tidy_timer_queue(&mut self, now: Instant) {
+        while let Some(&Reverse(entry)) = self.timer_queue.peek() {
+            let pid = PeerId(entry.pid);
+            let t = usize::from(entry.timer);
+            let live_entry = live(&mut self.peers, pid)
+                .filter(|p| p.epoch == entry.epoch && p.queued[t] == Some(entry.at))
+                .map(|p| p.timers[t]);
+            match live_entry {
+                // The head is a live timer at its own time: the queue is in order.
+                Some(Some(at)) if at == entry.at || at <= now => break,
+                // Pushed back: queue it at its time.
+                Some(Some(_)) => {
+                    self.timer_queue.pop();
+                    let _ = self.settle(entry, now);
+                }
+                // Cancelled, superseded, or its peer gone.
+                _ => {
+                    self.timer_queue.pop();
+                    if let Some(p) = live(&mut self.peers, pid).filter(|p| p.epoch == entry.epoch)
+                        && p.queued[t] == Some(entry.at)
+                    {
+                        p.queued[t] = None;
+                    }
+                }
+            }
+        }
     }
 
     pub(super) fn fire(
@@ -130,7 +205,7 @@ impl Device {
                     let peer = self.peer_mut(pid);
                     let staged = std::mem::take(&mut peer.staged);
                     if peer.timer(Timer::ZeroKeyMaterial).is_none() {
-                        peer.set_timer(Timer::ZeroKeyMaterial, now + timing.reject_after_time * 3);
+                        self.arm(pid, Timer::ZeroKeyMaterial, now + timing.reject_after_time * 3);
                     }
                     for buf in staged {
                         self.drop_buf(Some(pid), DropReason::HandshakeGaveUp, buf);
@@ -145,7 +220,7 @@ impl Device {
                 let peer = self.peer_mut(pid);
                 if peer.need_another_keepalive {
                     peer.need_another_keepalive = false;
-                    peer.set_timer(Timer::SendKeepalive, now + timing.keepalive_timeout);
+                    self.arm(pid, Timer::SendKeepalive, now + timing.keepalive_timeout);
                 }
             }
             Timer::NewHandshake => self.initiate(now, pid, out, false),
