@@ -29,6 +29,19 @@ struct Job {
     batch: CryptoBatch,
 }
 
+/// Hands an empty batch back to a waiting poster if dropped, which happens only while the
+/// helper unwinds from a panic (on success it is forgotten).
+struct ReturnOnUnwind<'a>(Option<&'a Return>);
+
+impl Drop for ReturnOnUnwind<'_> {
+    fn drop(&mut self) {
+        if let Some(ret) = self.0.take() {
+            *lock(&ret.batch) = Some(CryptoBatch::default());
+            ret.ready.notify_one();
+        }
+    }
+}
+
 /// Where one worker's shared opens come back.
 #[derive(Default)]
 struct Return {
@@ -129,10 +142,14 @@ impl OpenSharing {
             let Some(job) = self.take_job(|from| from != index) else { return };
             let mut batch = job.batch;
             let n = batch.opens_len() as u64;
+            let ret = &self.returns[job.from];
+            // If this worker panics while opening, the poster, which waits for the batch,
+            // gets an empty one instead of waiting forever (the link is stopping then).
+            let unwinding = ReturnOnUnwind(Some(ret));
             // Opens only: nothing is sealed, so nothing is sent from here.
             batch.run(&mut Vec::new());
+            std::mem::forget(unwinding);
             self.opens_shared.fetch_add(n, Ordering::Relaxed);
-            let ret = &self.returns[job.from];
             *lock(&ret.batch) = Some(batch);
             ret.ready.notify_one();
         }
@@ -142,6 +159,17 @@ impl OpenSharing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_helper_that_panics_still_answers_the_poster() {
+        let ret = Return::default();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _unwinding = ReturnOnUnwind(Some(&ret));
+            panic!("a helper failing mid-open");
+        }));
+        assert!(result.is_err());
+        assert!(lock(&ret.batch).is_some(), "the poster would have waited forever");
+    }
     use sitelink_frame::ip;
     use sitelink_proto::sim::Net;
     use sitelink_proto::{Datagram, PacketBuf};
