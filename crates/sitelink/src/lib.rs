@@ -486,8 +486,11 @@ impl Link {
         self.shared.keyed.load(Ordering::Relaxed)
     }
 
-    /// Moves the link to another UDP port (0 for any free one). Traffic resumes on the new port
-    /// as soon as the workers pick their sockets up.
+    /// Moves the link to another UDP port (0 for any free one). Returns once every worker has
+    /// taken its new socket (or after a second, if some worker does not come round), so that
+    /// what the link sends from then on leaves from the new port: a peer learns the move from
+    /// the next packet it receives (roaming), and no packet sent after the move can teach it
+    /// the old port again.
     pub fn set_listen_port(&self, port: u16) -> Result<u16, LinkError> {
         if port != 0 && port == self.port() {
             return Ok(port);
@@ -500,6 +503,13 @@ impl Link {
         }
         self.shared.port.store(bound, Ordering::Relaxed);
         self.wake_all();
+        // A worker takes its socket at the start of a turn, before that turn's sends.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline
+            && self.shared.workers.iter().any(|slot| lock(&slot.pending_socket).is_some())
+        {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         Ok(bound)
     }
 
