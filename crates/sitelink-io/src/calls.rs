@@ -13,13 +13,12 @@ use sitelink_frame::{BufPool, DEFAULT_TAILROOM, Datagram, PacketBuf};
 use crate::peers::{self, MAX_CONNECTED_PEERS, PeerSockets};
 use crate::socket::UdpSocket;
 use crate::stats::IoStats;
-use crate::sys::{self, MsgBatch, SendGroup};
+use crate::sys::{self, GSO_MAX_SEGMENTS, MsgBatch, SendGroup};
 use crate::tun::PacketFd;
 use crate::waker::Waker;
 
-/// The most datagrams one GSO send carries, and the most bytes (a UDP datagram's limit, less
-/// headers).
-pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
+/// The most bytes one GSO send carries: a UDP datagram's limit, less headers. (The most
+/// datagrams is [`GSO_MAX_SEGMENTS`].)
 pub(crate) const GSO_MAX_BYTES: usize = 65_000;
 
 /// Groups `dgrams` for sending: runs of datagrams to one address, all of one size but the

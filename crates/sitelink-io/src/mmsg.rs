@@ -174,7 +174,7 @@ impl PacketIo for MmsgIo {
 
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
         self.udp.set_fwmark(mark)?;
-        self.peers.list.iter_mut().try_for_each(|p| p.sock.set_fwmark(mark))
+        self.peers.set_fwmark(mark)
     }
 
     fn waker(&self) -> Waker {

@@ -66,6 +66,11 @@ impl PeerSockets {
         self.list.iter().position(|p| p.addr == *addr)
     }
 
+    /// Sets `SO_MARK` on every connected socket.
+    pub(crate) fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
+        self.list.iter_mut().try_for_each(|p| p.sock.set_fwmark(mark))
+    }
+
     /// The addresses connected now: the first `n` of the array.
     pub(crate) fn addrs(&self) -> ([SocketAddr; MAX_CONNECTED_PEERS], usize) {
         let unused = SocketAddr::from(([0, 0, 0, 0], 0));

@@ -466,6 +466,10 @@ pub(crate) fn probe_udp_gso(fd: BorrowedFd<'_>) -> bool {
 /// Room for one `UDP_SEGMENT` control message.
 const GSO_CMSG_SPACE: usize = 32;
 
+/// The most datagrams one GSO send carries (both backends group by it; the uring send slots
+/// are sized for it).
+pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
+
 /// Reusable kernel structures for one batch of `recvmmsg`/`sendmmsg`, so that a batch
 /// allocates nothing. The pointers inside are refreshed before every call.
 pub(crate) struct MsgBatch {

@@ -29,7 +29,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue};
 use sitelink_frame::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
 use super::bufring::Provided;
-use super::{GSO_CMSG_SPACE, RawAddr, set_gso_segment};
+use super::{GSO_CMSG_SPACE, GSO_MAX_SEGMENTS, RawAddr, set_gso_segment};
 
 /// Kinds of request, in the top byte of their user data.
 const KIND_SHIFT: u64 = 56;
@@ -53,9 +53,6 @@ const BGID_TUN: u16 = 8;
 pub(crate) const RECV_PREFIX: usize = 16 + size_of::<libc::sockaddr_in6>();
 
 const _: () = assert!(RECV_PREFIX <= DEFAULT_HEADROOM, "the pool's headroom holds the recvmsg prefix");
-
-/// The most datagrams one send carries (the iovec room of each slot).
-const MAX_SEGMENTS: usize = 64;
 
 /// The user data of a request: its kind in the top byte, its slot (or socket id) below.
 fn user_data(kind: u64, slot: usize) -> u64 {
@@ -224,10 +221,10 @@ impl Ring {
                 Box::new(SendSlot {
                     // SAFETY: msghdr is plain old data; zeros are valid.
                     hdr: unsafe { zeroed() },
-                    iovs: Vec::with_capacity(MAX_SEGMENTS),
+                    iovs: Vec::with_capacity(GSO_MAX_SEGMENTS),
                     addr: RawAddr::new(SocketAddr::from(([0, 0, 0, 0], 0)), false),
                     cmsg: [0; GSO_CMSG_SPACE / 8],
-                    bufs: Vec::with_capacity(MAX_SEGMENTS),
+                    bufs: Vec::with_capacity(GSO_MAX_SEGMENTS),
                     socket: 0,
                 })
             })
@@ -442,7 +439,7 @@ impl Ring {
         bufs: &mut Vec<PacketBuf>,
         segment: u16,
     ) -> io::Result<()> {
-        if bufs.len() > MAX_SEGMENTS {
+        if bufs.len() > GSO_MAX_SEGMENTS {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many datagrams for one send"));
         }
         let Some(slot) = self.sends_free.pop() else {

@@ -107,7 +107,7 @@ impl UringIo {
             udp,
             batch,
             groups: Vec::with_capacity(batch),
-            send_bufs: Vec::with_capacity(crate::calls::GSO_MAX_SEGMENTS),
+            send_bufs: Vec::with_capacity(crate::sys::GSO_MAX_SEGMENTS),
             ready_packets: Vec::with_capacity(batch),
             ready_datagrams: Vec::with_capacity(batch * 4),
             done: Vec::with_capacity(batch * 2),
@@ -491,7 +491,7 @@ impl PacketIo for UringIo {
 
     fn set_fwmark(&mut self, mark: u32) -> io::Result<()> {
         self.udp.set_fwmark(mark)?;
-        self.peers.list.iter_mut().try_for_each(|p| p.sock.set_fwmark(mark))
+        self.peers.set_fwmark(mark)
     }
 
     fn waker(&self) -> Waker {
