@@ -9,6 +9,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Impl, Pair, can_run, needs};
 
 /// sitelinkd (backend `backend`) on side A, `peer` on side B; `initiator` sends first.
@@ -216,18 +218,12 @@ fn wg_quick_drives_sitelinkd_and_the_conf_commands_round_trip() {
 
 /// `wg addconf` of 10,000 peers with endpoints (about 1 MiB of UAPI text) is applied, and
 /// `wg show` lists them; sitelinkd used to close the socket mid-request (wg died of SIGPIPE).
-#[test]
-fn wg_addconf_of_ten_thousand_peers_is_applied() {
-    if !can_run(&needs(Impl::Sitelink("mmsg"))) {
-        return;
-    }
-    let mut pair = Pair::new();
-    pair.start(0, Impl::Sitelink("mmsg"));
-    let path = std::env::temp_dir().join(format!("sitelink-addconf-{}.conf", pair.ifname[0]));
-    // Made-up public keys (wg checks only their encoding), endpoints inside the test's own
-    // namespace; nothing is sent to them, as nothing is routed to these peers.
-    let mut conf = String::with_capacity(2 << 20);
-    for i in 0..10_000u32 {
+/// A `wg` configuration of `n` made-up peers (wg checks only the keys' encoding), with
+/// endpoints inside the test's own namespaces: nothing is sent to them, as nothing is routed
+/// to their allowed IPs and none has a persistent keepalive.
+fn many_peers_conf(n: u32) -> String {
+    let mut conf = String::with_capacity(n as usize * 160);
+    for i in 0..n {
         let mut key = [0x42u8; 32];
         key[..4].copy_from_slice(&i.to_le_bytes());
         let key = sitelink::PublicKey::from_bytes(key).to_base64();
@@ -236,14 +232,110 @@ fn wg_addconf_of_ten_thousand_peers_is_applied() {
             100 + (i >> 16),
             (i >> 8) & 255,
             i & 255,
-            1024 + i
+            1024 + (i % 60_000)
         );
+    }
+    conf
+}
+
+/// A hub: 10,000 peers added by `wg addconf` before the one that carries traffic, then the
+/// whole configuration read back by `wg showconf` and applied again by `wg setconf`. The busy
+/// peer, configured last, gets the connected socket (one per worker), not the first 32
+/// configured; the link works throughout.
+#[test]
+fn wg_addconf_and_setconf_of_ten_thousand_peers_keep_the_busy_link() {
+    if !can_run(&needs(Impl::Sitelink("mmsg"))) {
+        return;
+    }
+    let mut pair = Pair::new();
+    pair.start(0, Impl::Sitelink("mmsg"));
+    pair.start(1, Impl::Sitelink("uring"));
+    let path = std::env::temp_dir().join(format!("sitelink-addconf-{}.conf", pair.ifname[0]));
+    std::fs::write(&path, many_peers_conf(10_000)).expect("conf");
+    let (ok, out) =
+        common::sh(&format!("ip netns exec {} wg addconf {} {}", pair.ns[0], pair.ifname[0], path.display()));
+    assert!(ok, "wg addconf failed: {out}");
+    pair.configure();
+    let peers = pair.ns_exec(0, &format!("wg show {} peers", pair.ifname[0]));
+    assert_eq!(peers.lines().count(), 10_001);
+    assert!(pair.ping_until(0, Duration::from_secs(10)).is_some(), "no link beside 10,000 peers");
+    pair.tcp_transfer_checked(0, 4 << 20);
+
+    // Round trip: showconf, then setconf (which replaces every peer, and so the session).
+    let started = std::time::Instant::now();
+    let conf = pair.ns_exec(0, &format!("wg showconf {}", pair.ifname[0]));
+    eprintln!("wg showconf of 10,001 peers: {:?}, {} bytes", started.elapsed(), conf.len());
+    assert_eq!(conf.matches("[Peer]").count(), 10_001);
+    std::fs::write(&path, conf).expect("conf");
+    let (ok, out) =
+        common::sh(&format!("ip netns exec {} wg setconf {} {}", pair.ns[0], pair.ifname[0], path.display()));
+    let _ = std::fs::remove_file(&path);
+    assert!(ok, "wg setconf failed: {out}");
+    let peers = pair.ns_exec(0, &format!("wg show {} peers", pair.ifname[0]));
+    assert_eq!(peers.lines().count(), 10_001);
+    assert!(pair.ping_until(0, Duration::from_secs(10)).is_some(), "no link after setconf");
+    pair.tcp_transfer_checked(0, 4 << 20);
+
+    let counters = pair.stop_and_read_counters(0);
+    let connected = per_worker_total(&counters, "peer_sockets");
+    // Two workers by default on this machine: each connects the busy peer, and nobody else.
+    assert!(
+        (1..=2).contains(&connected),
+        "connected sockets: {connected}, wanted the busy peer's: {counters}"
+    );
+}
+
+/// The value of `name: N` in a counters line (0 if absent).
+fn per_worker_total(line: &str, name: &str) -> u64 {
+    let key = format!("{name}: ");
+    line.find(&key)
+        .and_then(|at| line[at + key.len()..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Refusals at the UAPI: a `wg` request over the size limit and a malformed one written by
+/// hand each get an errno reply (so `wg` says why) and a line in sitelinkd's log, and change
+/// nothing.
+#[test]
+fn uapi_refusals_get_an_errno_and_a_log_line() {
+    if !can_run(&needs(Impl::Sitelink("mmsg"))) {
+        return;
+    }
+    let mut pair = Pair::new();
+    pair.start(0, Impl::Sitelink("mmsg"));
+    // One peer with about 17 MiB of allowed IPs (24 bytes each on the UAPI): past the limit.
+    let path = std::env::temp_dir().join(format!("sitelink-oversized-{}.conf", pair.ifname[0]));
+    let key = sitelink::PublicKey::from_bytes([0x24; 32]).to_base64();
+    let mut conf = format!("[Peer]\nPublicKey = {key}\n");
+    let per_line = 1000;
+    let lines = sitelink::uapi::MAX_REQUEST_BYTES / 24 / per_line + 10;
+    for l in 0..lines {
+        let ips: Vec<String> =
+            (0..per_line).map(|i| format!("10.{}.{}.{}/32", 100 + l / 256, l % 256, i % 256)).collect();
+        conf += &format!("AllowedIPs = {}\n", ips.join(", "));
     }
     std::fs::write(&path, conf).expect("conf");
     let (ok, out) =
         common::sh(&format!("ip netns exec {} wg addconf {} {}", pair.ns[0], pair.ifname[0], path.display()));
     let _ = std::fs::remove_file(&path);
-    assert!(ok, "wg addconf failed: {out}");
+    assert!(!ok, "an oversized request was accepted");
+    assert!(out.contains("Message too long"), "wg did not get EMSGSIZE: {out}");
     let peers = pair.ns_exec(0, &format!("wg show {} peers", pair.ifname[0]));
-    assert_eq!(peers.lines().count(), 10_000);
+    assert!(peers.trim().is_empty(), "a refused request changed the device: {peers}");
+
+    // Malformed: `wg` checks its input, so this one is written to the socket by hand.
+    use std::io::{Read, Write};
+    let mut sock = std::os::unix::net::UnixStream::connect(pair.socket(0)).expect("UAPI socket");
+    sock.write_all(b"set=1\nlisten_port=not-a-port\n\n").expect("write");
+    let mut reply = String::new();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let _ = sock.read_to_string(&mut reply);
+    assert!(reply.starts_with("errno=-22\n"), "malformed request answered {reply:?}");
+
+    pair.stop(0);
+    let log = std::fs::read_to_string(pair.log_path(0)).expect("log");
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("UAPI set refused")).collect();
+    assert_eq!(refusals.len(), 2, "wanted a log line per refusal: {log}");
+    assert!(refusals[0].contains("longer than"), "{}", refusals[0]);
+    assert!(refusals[1].contains("listen_port"), "{}", refusals[1]);
 }

@@ -24,7 +24,7 @@ pub mod sim;
 
 pub use batch::CryptoBatch;
 pub use config::{DeviceConfig, IpNet, IpNetError, PeerConfig, Timing};
-pub use device::{Device, DeviceError, PeerView};
+pub use device::{BUSIEST_PEERS, Device, DeviceError, PeerView, RANK_INTERVAL};
 pub use peer::PeerId;
 pub use ratelimit::RateLimiter;
 pub use routing::AllowedIps;

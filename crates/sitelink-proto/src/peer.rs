@@ -145,6 +145,10 @@ pub(crate) struct Peer {
 
     pub(crate) staged: VecDeque<PacketBuf>,
     pub(crate) stats: PeerStats,
+    /// Transport bytes since the last busy-peer ranking (see `device/busy.rs`).
+    pub(crate) busy_bytes: u64,
+    /// On the device's list of peers active since the last ranking.
+    pub(crate) busy_listed: bool,
 }
 
 impl Peer {
@@ -170,6 +174,8 @@ impl Peer {
             sent_lastminute_handshake: false,
             staged: VecDeque::new(),
             stats: PeerStats::default(),
+            busy_bytes: 0,
+            busy_listed: false,
         }
     }
 

@@ -320,6 +320,7 @@ pub fn handle_one(link: &Link, reader: &mut impl BufRead, writer: &mut impl Writ
                 "unknown operation {:?}",
                 other.chars().take(32).collect::<String>()
             ));
+            tracing::warn!(error = %e, "UAPI request refused");
             reply_errno(writer, &e)?;
             return Ok(false);
         }

@@ -225,7 +225,8 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             if endpoints_moved {
                 endpoint_generation = Some(dev.endpoint_generation());
                 endpoints.clear();
-                endpoints.extend(dev.endpoints().take(sitelink_io::MAX_CONNECTED_PEERS));
+                // The busiest peers (by traffic, re-ranked each second), not the first configured.
+                endpoints.extend(dev.busiest_endpoints().take(sitelink_io::MAX_CONNECTED_PEERS));
                 endpoints_wanted =
                     endpoints.iter().enumerate().filter(|(i, a)| !endpoints[..*i].contains(a)).count() as u64;
             }
@@ -258,6 +259,9 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
     *lock(&slot.io_stats) = io.stats().clone();
     slot.buffers_allocated.store(pool.allocated(), Ordering::Relaxed);
 }
+
+// The engine ranks at least as many busy peers as a backend can connect.
+const _: () = assert!(sitelink_proto::BUSIEST_PEERS >= sitelink_io::MAX_CONNECTED_PEERS);
 
 /// Evens out the engine's pool and this worker's (moving free buffers, allocating nothing).
 fn balance_pools(dev: &mut Device, pool: &mut BufPool) {

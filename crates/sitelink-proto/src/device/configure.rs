@@ -98,6 +98,7 @@ impl Device {
             self.pool.put(buf);
         }
         self.free_ids.push(pid.0);
+        self.busy.forget(pid);
         self.rebuild_routes();
         self.endpoint_generation += 1;
         Ok(())
@@ -132,11 +133,6 @@ impl Device {
     /// [`endpoints`](Self::endpoints) again.
     pub fn endpoint_generation(&self) -> u64 {
         self.endpoint_generation
-    }
-
-    /// Every peer's current endpoint, in peer order (peers with none are skipped).
-    pub fn endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.peers.iter().flatten().filter_map(|p| p.endpoint)
     }
 
     /// Sets a peer's preshared key (`PresharedKey::none()` for none). Applies from the next

@@ -175,7 +175,8 @@ impl Device {
         batch.push_seal(&kp.send, counter, kp.remote_index, endpoint, buf);
         let rekey = (kp.initiator && now.saturating_duration_since(kp.created) >= timing.rekey_after_time)
             || kp.send_counter > timing.rekey_after_messages;
-        peer.stats.tx_bytes += (TRANSPORT_HEADER_LEN + len + tail) as u64;
+        let wire_len = TRANSPORT_HEADER_LEN + len + tail;
+        peer.stats.tx_bytes += wire_len as u64;
         let is_data = len != 0;
         if is_data {
             peer.stats.tx_packets += 1;
@@ -183,6 +184,7 @@ impl Device {
             peer.stats.keepalives_sent += 1;
         }
         self.on_authenticated_sent(now, pid, is_data);
+        self.note_traffic(now, pid, wire_len);
         if rekey {
             self.initiate(now, pid, out, false);
         }
@@ -297,6 +299,7 @@ impl Device {
         // Authenticated from here on.
         peer.stats.rx_bytes += job.wire_len as u64;
         self.move_endpoint(pid, job.addr);
+        self.note_traffic(now, pid, job.wire_len);
         let confirmed = slot == Slot::Next;
         if confirmed {
             self.confirm_next(now, pid);

@@ -24,6 +24,9 @@ use crate::ratelimit::RateLimiter;
 use crate::routing::AllowedIps;
 use crate::stats::{DeviceStats, DropReason, PeerStats};
 
+pub use busy::{BUSIEST_PEERS, RANK_INTERVAL};
+
+mod busy;
 mod configure;
 mod datapath;
 mod handshake;
@@ -186,6 +189,8 @@ pub struct Device {
     timer_queue: BinaryHeap<Reverse<TimerEntry>>,
     /// The epoch the next peer gets (see `Peer::epoch`).
     next_epoch: u32,
+    /// The busiest peers, whose endpoints get connected sockets (see `busy.rs`).
+    busy: busy::BusyPeers,
 }
 
 /// One entry of the timer queue: peer `pid` (of `epoch`) has timer `timer` due at `at`, or
@@ -259,6 +264,7 @@ impl Device {
             endpoint_generation: 0,
             timer_queue: BinaryHeap::new(),
             next_epoch: 0,
+            busy: busy::BusyPeers::default(),
             config,
         }
     }
@@ -335,7 +341,7 @@ impl Device {
         if self.by_key.len() != self.peers.iter().flatten().count() {
             return Err("the key table and the peer table disagree".into());
         }
-        Ok(())
+        self.check_busy_invariants()
     }
 
     /// The peer `pid`, which the calling method has just found live (by key, index, route or

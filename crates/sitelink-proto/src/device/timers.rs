@@ -102,7 +102,11 @@ impl Device {
     /// the timer queue, O(1). (It may be a little early, after a timer was cancelled or
     /// removed with its peer: `on_timers` then finds nothing due, and moves it on.)
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.timer_queue.peek().map(|e| e.0.at)
+        let timers = self.timer_queue.peek().map(|e| e.0.at);
+        match (timers, self.busy.deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Runs every timer due at `now`: handshake retries, keepalives, rekeys, key erasure. It
@@ -124,6 +128,7 @@ impl Device {
                 }
             }
             dev.tidy_timer_queue(now);
+            dev.rank_busy_peers(now);
             // Keepalives and staged packets: few, so sealed here rather than handed out.
             batch.seal_into(out);
         });
