@@ -123,15 +123,18 @@ pub(crate) struct Peer {
     pub(crate) allowed_ips: Vec<IpNet>,
     pub(crate) persistent_keepalive: Option<Duration>,
 
-    pub(crate) pending: Option<Pending>,
+    /// The initiation awaiting its response, boxed (only a handshake in flight needs it).
+    pub(crate) pending: Option<Box<Pending>>,
     pub(crate) handshake_attempts: u32,
     pub(crate) last_initiation_sent: Option<Instant>,
     pub(crate) last_initiation_consumed: Option<Instant>,
     pub(crate) greatest_timestamp: Option<Tai64N>,
 
-    pub(crate) next: Option<Keypair>,
-    pub(crate) current: Option<Keypair>,
-    pub(crate) previous: Option<Keypair>,
+    /// The three keypairs, boxed: a keypair (keys, replay window) is about 600 bytes, and a
+    /// hub's idle peers hold none, so a peer costs a pointer each until it has a session.
+    pub(crate) next: Option<Box<Keypair>>,
+    pub(crate) current: Option<Box<Keypair>>,
+    pub(crate) previous: Option<Box<Keypair>>,
 
     pub(crate) timers: [Option<Instant>; Timer::ALL.len()],
     /// The time of each timer's entry in the device's timer queue, if it has one: never later
@@ -205,7 +208,7 @@ impl Peer {
     /// Which keypair has local index `index`.
     #[inline]
     pub(crate) fn slot_of(&self, index: u32) -> Option<Slot> {
-        let is = |kp: &Option<Keypair>| kp.as_ref().is_some_and(|k| k.local_index == index);
+        let is = |kp: &Option<Box<Keypair>>| kp.as_ref().is_some_and(|k| k.local_index == index);
         if is(&self.current) {
             Some(Slot::Current)
         } else if is(&self.previous) {
@@ -220,18 +223,18 @@ impl Peer {
     #[inline]
     pub(crate) fn keypair(&self, slot: Slot) -> Option<&Keypair> {
         match slot {
-            Slot::Next => self.next.as_ref(),
-            Slot::Current => self.current.as_ref(),
-            Slot::Previous => self.previous.as_ref(),
+            Slot::Next => self.next.as_deref(),
+            Slot::Current => self.current.as_deref(),
+            Slot::Previous => self.previous.as_deref(),
         }
     }
 
     #[inline]
     pub(crate) fn keypair_mut(&mut self, slot: Slot) -> Option<&mut Keypair> {
         match slot {
-            Slot::Next => self.next.as_mut(),
-            Slot::Current => self.current.as_mut(),
-            Slot::Previous => self.previous.as_mut(),
+            Slot::Next => self.next.as_deref_mut(),
+            Slot::Current => self.current.as_deref_mut(),
+            Slot::Previous => self.previous.as_deref_mut(),
         }
     }
 
@@ -241,5 +244,16 @@ impl Peer {
             .into_iter()
             .filter_map(|k| k.as_ref().map(|k| k.local_index))
             .chain(self.pending.as_ref().map(|p| p.state.local_index()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A hub holds one `Peer` per site, most of them idle: keep the inline size small (the
+    /// keypairs, about 600 bytes each, are boxed and exist only with a session).
+    #[test]
+    fn an_idle_peer_stays_under_a_kibibyte_inline() {
+        let size = std::mem::size_of::<super::Peer>();
+        assert!(size <= 1024, "Peer is {size} bytes");
     }
 }

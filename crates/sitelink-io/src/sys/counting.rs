@@ -1,8 +1,9 @@
 //! A global allocator that counts allocations while switched on, for tests that prove a path
-//! allocates nothing.
+//! allocates nothing, and keeps the bytes allocated and not yet freed, for tests that measure
+//! what a structure costs.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 
 /// The system allocator, counting allocations and reallocations while [`start`] is in effect.
 /// Install it in a test binary with `#[global_allocator]`.
@@ -12,12 +13,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 pub struct CountingAllocator {
     on: AtomicBool,
     count: AtomicU64,
+    live: AtomicI64,
 }
 
 impl CountingAllocator {
     /// A counter, switched off.
     pub const fn new() -> Self {
-        CountingAllocator { on: AtomicBool::new(false), count: AtomicU64::new(0) }
+        CountingAllocator { on: AtomicBool::new(false), count: AtomicU64::new(0), live: AtomicI64::new(0) }
     }
 
     /// Starts counting (from zero).
@@ -30,6 +32,16 @@ impl CountingAllocator {
     pub fn stop(&self) -> u64 {
         self.on.store(false, Ordering::SeqCst);
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// The bytes allocated through this allocator and not yet freed (always kept, whether
+    /// counting is on or not; the allocator's own overhead per block is not included).
+    pub fn live_bytes(&self) -> i64 {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    fn grow(&self, by: i64) {
+        self.live.fetch_add(by, Ordering::Relaxed);
     }
 
     fn note(&self) {
@@ -51,10 +63,15 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         self.note();
         // SAFETY: the caller upholds GlobalAlloc::alloc's contract, which is System's.
-        unsafe { System.alloc(layout) }
+        let block = unsafe { System.alloc(layout) };
+        if !block.is_null() {
+            self.grow(layout.size() as i64);
+        }
+        block
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        self.grow(-(layout.size() as i64));
         // SAFETY: the caller upholds GlobalAlloc::dealloc's contract, which is System's.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -62,6 +79,10 @@ unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         self.note();
         // SAFETY: the caller upholds GlobalAlloc::realloc's contract, which is System's.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        let block = unsafe { System.realloc(ptr, layout, new_size) };
+        if !block.is_null() {
+            self.grow(new_size as i64 - layout.size() as i64);
+        }
+        block
     }
 }

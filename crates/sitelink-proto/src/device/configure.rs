@@ -63,11 +63,11 @@ impl Device {
                 self.next_epoch = self.next_epoch.wrapping_add(1);
                 let pid = match self.free_ids.pop() {
                     Some(i) => {
-                        self.peers[i as usize] = Some(peer);
+                        self.peers[i as usize] = Some(Box::new(peer));
                         PeerId(i)
                     }
                     None => {
-                        self.peers.push(Some(peer));
+                        self.peers.push(Some(Box::new(peer)));
                         PeerId((self.peers.len() - 1) as u32)
                     }
                 };

@@ -92,7 +92,7 @@ impl Device {
             }
         };
         peer.sealer.seal(now, buf.data_mut(), mac_offsets::INITIATION_MAC1);
-        peer.pending = Some(Pending { state });
+        peer.pending = Some(Box::new(Pending { state }));
         peer.last_initiation_sent = Some(now);
         peer.stats.handshake_initiations_sent += 1;
         peer.stats.tx_bytes += INITIATION_LEN as u64;
@@ -208,7 +208,7 @@ impl Device {
             }
         };
         peer.sealer.seal(now, buf.data_mut(), mac_offsets::RESPONSE_MAC1);
-        let old_next = peer.next.replace(Keypair::new(&keys, now));
+        let old_next = peer.next.replace(Box::new(Keypair::new(&keys, now)));
         peer.stats.tx_bytes += RESPONSE_LEN as u64;
         if let Some(kp) = old_next {
             self.by_index.remove(&kp.local_index);
@@ -264,7 +264,7 @@ impl Device {
         // waiting for confirmation (both sides initiated at once) is demoted to previous, and
         // the current one is then dropped, as the kernel module does; else current becomes
         // previous. Every keypair dropped gives its index up.
-        let new = Keypair::new(&keys, now);
+        let new = Box::new(Keypair::new(&keys, now));
         let dropped = match peer.next.take() {
             Some(next) => [peer.current.take(), peer.previous.replace(next)],
             None => {

@@ -165,7 +165,9 @@ pub struct Device {
     config: DeviceConfig,
     identity: Identity,
     checker: MacChecker,
-    peers: Vec<Option<Peer>>,
+    /// The peers by id, boxed: a free slot costs a pointer, and a growing table moves
+    /// pointers rather than whole peers.
+    peers: Vec<Option<Box<Peer>>>,
     free_ids: Vec<u32>,
     by_key: HashMap<PublicKey, PeerId>,
     by_index: IndexMap,
@@ -215,8 +217,8 @@ impl std::fmt::Debug for Device {
 /// The live peer `pid` in `peers`, if any: a lookup that cannot panic, borrowing only the
 /// peer table (so the identity and the random source stay usable beside it).
 #[inline]
-fn live(peers: &mut [Option<Peer>], pid: PeerId) -> Option<&mut Peer> {
-    peers.get_mut(pid.index())?.as_mut()
+fn live(peers: &mut [Option<Box<Peer>>], pid: PeerId) -> Option<&mut Peer> {
+    peers.get_mut(pid.index())?.as_deref_mut()
 }
 
 /// Cookie replies sent to one source address per second, at most.
@@ -353,7 +355,7 @@ impl Device {
     }
 
     fn peer_checked(&mut self, pid: PeerId) -> Result<&mut Peer, DeviceError> {
-        self.peers.get_mut(pid.index()).and_then(Option::as_mut).ok_or(DeviceError::NoSuchPeer)
+        self.peers.get_mut(pid.index()).and_then(Option::as_deref_mut).ok_or(DeviceError::NoSuchPeer)
     }
 
     /// Counts a drop (on the device, and on the peer if known) and recycles the buffer.
