@@ -20,6 +20,7 @@ use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use sitelink_benches::{Established, fill_packet};
 use sitelink_crypto::TransportKey;
 use sitelink_frame::{DEFAULT_HEADROOM, Datagram, PacketBuf, ip, wire};
+use sitelink_proto::{AllowedIps, IpNet};
 
 const SIZES: [usize; 4] = [64, 512, 1420, 8192];
 const BATCH: usize = 64;
@@ -281,5 +282,33 @@ fn frame(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, seal_open, engine, workers, frame);
+/// Cryptokey routing, the per-packet lookup that grows with a hub's configuration: one /32 per
+/// peer for 1, 1,000 and 10,000 peers (spread over a /16, as a hub's sites would be), looked
+/// up in a pseudo-random order that defeats the cache as a busy hub's traffic would.
+fn routing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route_lookup");
+    for peers in [1u32, 1_000, 10_000] {
+        let mut table = AllowedIps::new();
+        let addr = |i: u32| std::net::Ipv4Addr::from(0x0a64_0000 | (i.wrapping_mul(40_503) & 0xffff));
+        for i in 0..peers {
+            table.insert(IpNet::new(addr(i).into(), 32).expect("prefix"), i);
+        }
+        table.insert(IpNet::new(std::net::Ipv4Addr::new(10, 0, 0, 0).into(), 8).expect("prefix"), u32::MAX);
+        let probes: Vec<std::net::IpAddr> =
+            (0..4096u32).map(|k| addr(k.wrapping_mul(7919) % peers).into()).collect();
+        g.throughput(Throughput::Elements(probes.len() as u64));
+        g.bench_function(BenchmarkId::from_parameter(peers), |b| {
+            b.iter(|| {
+                let mut hits = 0u32;
+                for ip in &probes {
+                    hits = hits.wrapping_add(black_box(table.lookup(*ip)).unwrap_or(0));
+                }
+                hits
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, seal_open, engine, workers, frame, routing);
 criterion_main!(benches);
