@@ -138,6 +138,13 @@ impl PacketBuf {
         &mut self.mem[self.start..]
     }
 
+    /// The memory after the data: where appending writes go, followed by
+    /// [`set_len`](Self::set_len) with the grown length.
+    #[inline]
+    pub fn after_data_mut(&mut self) -> &mut [u8] {
+        &mut self.mem[self.end..]
+    }
+
     /// Sets the data length after a read into [`spare_mut`](Self::spare_mut).
     #[inline]
     pub fn set_len(&mut self, len: usize) -> Result<(), FrameError> {

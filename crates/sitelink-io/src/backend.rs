@@ -93,3 +93,16 @@ pub trait PacketIo: Send {
     /// The counters.
     fn stats(&self) -> &IoStats;
 }
+
+/// What `write_packets` does on a backend without a packet side: the buffers go back to the
+/// pool, and the caller hears that it has the wrong backend.
+pub(crate) fn no_packet_side(packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
+    if packets.is_empty() {
+        return Ok(());
+    }
+    packets.drain(..).for_each(|b| pool.put(b));
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "this backend has no packet side (packets move in process)",
+    ))
+}

@@ -266,7 +266,7 @@ impl Readiness {
     pub(crate) fn wait(
         &mut self,
         udp: &UdpSocket,
-        packets: &PacketFd,
+        packets: Option<&PacketFd>,
         waker: &Waker,
         peers: &PeerSockets,
         timeout: Option<Duration>,
@@ -278,7 +278,9 @@ impl Readiness {
             self.epoll = None;
             let epoll = sys::epoll_new()?;
             sys::epoll_add(epoll.as_fd(), udp.as_fd(), 0)?;
-            sys::epoll_add(epoll.as_fd(), packets.as_fd(), 1)?;
+            if let Some(packets) = packets {
+                sys::epoll_add(epoll.as_fd(), packets.as_fd(), 1)?;
+            }
             sys::epoll_add(epoll.as_fd(), waker.0.as_fd(), 2)?;
             for (i, p) in peers.list.iter().enumerate() {
                 sys::epoll_add(epoll.as_fd(), p.sock.as_fd(), (POLL_OWN + i) as u64)?;

@@ -2,7 +2,12 @@
 //!
 //! * [`Tun`]: a TUN interface (created or attached by name, multi-queue capable, or an already
 //!   open descriptor), and [`PacketPipe`], the same packet-at-a-time contract over a Unix
-//!   datagram socket pair for applications that hand packets in and out themselves.
+//!   datagram socket pair: a stand-in for a TUN device where there is none (the backends'
+//!   tests). An embedded link uses [`PacketQueues`] instead, which cost no system call.
+//! * [`PacketQueues`] and [`InProcessSide`] ([`in_process`]): the packet side of an embedded
+//!   link, bounded lock-free queues between the application's threads and the workers, with
+//!   pooled buffers written through `bytes::BufMut` and an eventfd for event loops: no system
+//!   call and no copy per packet.
 //! * [`UdpSocket`]: the dual-stack UDP socket with large buffers and options set up front.
 //! * [`PacketIo`]: batched I/O of both, one trait with two backends: [`BackendKind::Uring`]
 //!   (io_uring: reads, writes and sends submitted in batches, one enter per batch) and
@@ -18,6 +23,7 @@
 
 mod backend;
 mod calls;
+mod inproc;
 mod mmsg;
 mod peers;
 mod socket;
@@ -33,6 +39,10 @@ use std::io;
 use std::os::fd::OwnedFd;
 
 pub use backend::{BackendKind, PacketIo};
+pub use inproc::{
+    INBOUND_QUEUE, InPacket, InProcessSide, InProcessStats, OUTBOUND_QUEUE, OutPacket, PacketQueues,
+    in_process,
+};
 pub use mmsg::MmsgIo;
 pub use peers::MAX_CONNECTED_PEERS;
 pub use socket::{UdpConfig, UdpSocket};
@@ -58,23 +68,34 @@ pub mod testing {
 /// Datagrams or packets moved per batch by default.
 pub const DEFAULT_BATCH: usize = 64;
 
-/// Opens the backend `kind` over `packets` and `udp`. If io_uring is asked for but cannot be
-/// set up (an old kernel's ENOSYS, a container's EPERM), falls back to `mmsg` and returns the
-/// reason as the second value, for the caller to log once.
+/// Opens the backend `kind` over `packets` (a TUN queue or pipe; `None` when the worker moves
+/// packets in process, as an embedded link does) and `udp`. If io_uring is asked for but
+/// cannot be set up (an old kernel's ENOSYS, a container's EPERM), falls back to `mmsg` and
+/// returns the reason as the second value, for the caller to log once.
 pub fn open_backend(
     kind: BackendKind,
-    packets: PacketFd,
+    packets: Option<PacketFd>,
     udp: UdpSocket,
     batch: usize,
 ) -> io::Result<(Box<dyn PacketIo>, Option<String>)> {
     let batch = batch.clamp(1, 1024);
+    let mmsg = |packets: Option<PacketFd>, udp| match packets {
+        Some(p) => MmsgIo::new(p, udp, batch),
+        None => MmsgIo::without_packets(udp, batch),
+    };
     match kind {
-        BackendKind::Mmsg => Ok((Box::new(MmsgIo::new(packets, udp, batch)?), None)),
+        BackendKind::Mmsg => Ok((Box::new(mmsg(packets, udp)?), None)),
         BackendKind::Uring => match sys::ring::probe() {
-            Ok(()) => Ok((Box::new(UringIo::new(packets, udp, batch)?), None)),
+            Ok(()) => {
+                let io = match packets {
+                    Some(p) => UringIo::new(p, udp, batch)?,
+                    None => UringIo::without_packets(udp, batch)?,
+                };
+                Ok((Box::new(io), None))
+            }
             Err(e) => {
                 let why = format!("io_uring unavailable ({e}); using the mmsg backend");
-                Ok((Box::new(MmsgIo::new(packets, udp, batch)?), Some(why)))
+                Ok((Box::new(mmsg(packets, udp)?), Some(why)))
             }
         },
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
 use crate::backend::BackendKind;
-use crate::backend::PacketIo;
+use crate::backend::{PacketIo, no_packet_side};
 use crate::calls::{MmsgCalls, POLL_OWN, Readiness, read_packet_batch, write_packet_batch};
 use crate::peers::PeerSockets;
 use crate::socket::UdpSocket;
@@ -20,7 +20,8 @@ use crate::waker::Waker;
 
 /// `recvmmsg`/`sendmmsg` and `epoll`.
 pub struct MmsgIo {
-    packets: PacketFd,
+    /// The TUN side; `None` when packets move in process ([`open_backend`](crate::open_backend)).
+    packets: Option<PacketFd>,
     udp: UdpSocket,
     batch: usize,
     calls: MmsgCalls,
@@ -46,16 +47,28 @@ impl std::fmt::Debug for MmsgIo {
 impl MmsgIo {
     /// A backend over `packets` and `udp` moving up to `batch` items per call.
     pub fn new(packets: PacketFd, udp: UdpSocket, batch: usize) -> io::Result<MmsgIo> {
-        sys::set_nonblocking(packets.as_fd(), true)?;
+        MmsgIo::with_packet_side(Some(packets), udp, batch)
+    }
+
+    /// A backend over `udp` alone: its worker moves packets in process, and
+    /// [`read_packets`](PacketIo::read_packets) finds none.
+    pub fn without_packets(udp: UdpSocket, batch: usize) -> io::Result<MmsgIo> {
+        MmsgIo::with_packet_side(None, udp, batch)
+    }
+
+    fn with_packet_side(packets: Option<PacketFd>, udp: UdpSocket, batch: usize) -> io::Result<MmsgIo> {
+        if let Some(p) = &packets {
+            sys::set_nonblocking(p.as_fd(), true)?;
+        }
         let gso = udp.supports_gso();
         Ok(MmsgIo {
+            more_packets: packets.is_some(),
             packets,
             udp,
             batch,
             calls: MmsgCalls::new(batch),
             gso,
             more_udp: true,
-            more_packets: true,
             waker: Waker::new()?,
             stats: IoStats::default(),
             peers: PeerSockets::new(),
@@ -94,7 +107,8 @@ impl PacketIo for MmsgIo {
         let more_peer = self.peers.list.iter().any(|p| p.readable);
         let timeout =
             if self.more_udp || self.more_packets || more_peer { Some(Duration::ZERO) } else { timeout };
-        let ready = self.readiness.wait(&self.udp, &self.packets, &self.waker, &self.peers, timeout)?;
+        let ready =
+            self.readiness.wait(&self.udp, self.packets.as_ref(), &self.waker, &self.peers, timeout)?;
         let n = POLL_OWN + self.peers.list.len();
         self.more_udp |= ready[0];
         self.more_packets |= ready[1];
@@ -127,10 +141,10 @@ impl PacketIo for MmsgIo {
     }
 
     fn read_packets(&mut self, pool: &mut BufPool, out: &mut Vec<PacketBuf>) -> io::Result<()> {
-        if !self.more_packets {
+        let Some(packets) = self.packets.as_ref().filter(|_| self.more_packets) else {
             return Ok(());
-        }
-        let result = read_packet_batch(&self.packets, self.batch, pool, out, &mut self.stats);
+        };
+        let result = read_packet_batch(packets, self.batch, pool, out, &mut self.stats);
         self.more_packets = matches!(result, Ok(true));
         result.map(|_| ())
     }
@@ -143,8 +157,11 @@ impl PacketIo for MmsgIo {
     fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
         // What the kernel answers at once (a ping's reply, a TCP acknowledgement) is there by
         // the time the write returns: the same turn's read takes it, without a sleep between.
+        let Some(fd) = &self.packets else {
+            return no_packet_side(packets, pool);
+        };
         self.more_packets |= !packets.is_empty();
-        write_packet_batch(&self.packets, packets, pool, &mut self.stats);
+        write_packet_batch(fd, packets, pool, &mut self.stats);
         Ok(())
     }
 

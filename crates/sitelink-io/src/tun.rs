@@ -83,7 +83,11 @@ impl AsFd for PacketFd {
     }
 }
 
-/// The application's end of an embedded link: IP packets go in with [`send`](Self::send) and
+/// A TUN stand-in over Unix datagram sockets, for backends driven without a TUN device (their
+/// tests): a system call and a copy per packet each way, so an embedded link uses
+/// [`PacketQueues`](crate::PacketQueues) instead.
+///
+/// The application's end: IP packets go in with [`send`](Self::send) and
 /// come out with [`recv`](Self::recv), as they would through a TUN device, with no root and no
 /// interface. The link holds the other ends (see [`PacketPipe::with_queues`]).
 ///

@@ -52,7 +52,7 @@ fn rig_with(flavor: Flavor, config: UdpConfig) -> Option<Rig> {
                 return None;
             }
         },
-        _ => open_backend(kind, fd, udp, 64).expect("backend"),
+        _ => open_backend(kind, Some(fd), udp, 64).expect("backend"),
     };
     if let Some(why) = fallback {
         assert!(std::env::var("CI").is_err() || kind == BackendKind::Mmsg, "io_uring must work in CI: {why}");

@@ -1,21 +1,67 @@
 //! sitelink: an encrypted site-to-site link that speaks WireGuard, to embed in your program.
 //!
 //! A [`Link`] runs the sans-IO engine ([`sitelink_proto::Device`]) on worker threads over
-//! batched kernel I/O ([`sitelink_io`]): IP packets from a TUN device, or handed in by the
-//! application itself in the embedded mode, become WireGuard datagrams on a UDP socket, and
-//! back.
+//! batched kernel I/O ([`sitelink_io`]): inner IP packets become WireGuard datagrams on a UDP
+//! socket, and back. Where the inner packets come from and go to is the one choice to make:
+//!
+//! # Over a TUN device
+//!
+//! [`LinkBuilder::start_tun`]: the kernel routes packets into an interface, the link's workers
+//! read and write it (one queue each with a multi-queue device), and the operating system's
+//! network stack does the rest. This is what `sitelinkd` does; it needs `CAP_NET_ADMIN`.
 //!
 //! ```no_run
-//! use sitelink::{LinkBuilder, PeerConfig, PrivateKey, PublicKey};
+//! use sitelink::{LinkBuilder, PeerConfig, PrivateKey, PublicKey, Tun};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let key = PrivateKey::from_base64("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=")?;
 //! let mut peer = PeerConfig::new(PublicKey::from_base64("xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=")?);
 //! peer.endpoint = Some("192.0.2.1:51820".parse()?);
 //! peer.allowed_ips = vec!["10.0.0.2/32".parse()?];
-//! let (link, packets) = LinkBuilder::new(key).listen_port(51820).peer(peer).start_embedded()?;
-//! packets.send(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])?;
-//! println!("{:?}", link.stats());
-//! link.shutdown();
+//! let link = LinkBuilder::new(key).listen_port(51820).peer(peer).workers(2).start_tun(Tun::open("site0", true)?)?;
+//! // Give site0 an address and bring it up (ip addr add 10.0.0.1/24 dev site0; ip link set site0 up).
+//! link.wait_stopped(None);
+//! # Ok(()) }
+//! ```
+//!
+//! # Embedded: the application moves the packets
+//!
+//! [`LinkBuilder::start_embedded`] returns [`PacketQueues`]: the application takes a buffer from
+//! the link ([`PacketQueues::alloc`]), writes an IP packet into it through [`bytes::BufMut`],
+//! and hands a batch over ([`PacketQueues::send_batch`]); the workers seal each packet where it
+//! lies. Opened packets come out as [`InPacket`]s ([`PacketQueues::recv_batch`]), each its
+//! pooled buffer, returned when dropped. No system call and no copy per packet between the
+//! application and the workers, no TUN device, no root: for a userspace TCP/IP stack, a proxy,
+//! an appliance with its own packet path. The queues' descriptor ([`std::os::fd::AsFd`]) is
+//! readable while packets wait, for an event loop (see `examples/src/bin/event_loop.rs`).
+//!
+//! ```
+//! use bytes::BufMut;
+//! use sitelink::{LinkBuilder, OsRandom, PeerConfig, PrivateKey};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Two sites in one process, over loopback.
+//! let (key_a, key_b) = (PrivateKey::generate(&mut OsRandom), PrivateKey::generate(&mut OsRandom));
+//! let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
+//! let (a, packets_a) = LinkBuilder::new(key_a).loopback_only(true).start_embedded()?;
+//! let (b, packets_b) = LinkBuilder::new(key_b).loopback_only(true).start_embedded()?;
+//! let mut peer_b = PeerConfig::new(pub_b);
+//! peer_b.endpoint = Some(([127, 0, 0, 1], b.port()).into());
+//! peer_b.allowed_ips = vec!["10.0.0.2/32".parse()?];
+//! a.set_peer(peer_b)?;
+//! let mut peer_a = PeerConfig::new(pub_a);
+//! peer_a.endpoint = Some(([127, 0, 0, 1], a.port()).into());
+//! peer_a.allowed_ips = vec!["10.0.0.1/32".parse()?];
+//! b.set_peer(peer_a)?;
+//!
+//! // An empty UDP datagram from 10.0.0.1 to 10.0.0.2, written into the link's own buffer.
+//! let mut packet = packets_a.alloc();
+//! packet.put_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0x66, 0xcf, 10, 0, 0, 1, 10, 0, 0, 2]);
+//! packet.put_slice(&[0x23, 0x28, 0x23, 0x28, 0, 8, 0, 0]);
+//! packets_a.send_batch(&mut vec![packet], None)?;
+//!
+//! let mut received = Vec::new();
+//! packets_b.recv_batch(&mut received, 64, Some(std::time::Duration::from_secs(10)))?;
+//! assert_eq!(&received[0][16..20], &[10, 0, 0, 2]);
+//! println!("{:?}", b.stats().in_process);
 //! # Ok(()) }
 //! ```
 //!
@@ -41,7 +87,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use change::{PeerChange, SetRequest};
 pub use rand::OsRandom;
-pub use sitelink_io::{BackendKind, IoStats, PacketPipe, Tun};
+pub use sitelink_io::{BackendKind, InPacket, InProcessStats, IoStats, OutPacket, PacketQueues, Tun};
 pub use sitelink_proto::{
     DeviceConfig, DeviceStats, DropReason, IpNet, PeerConfig, PeerStats, PresharedKey, PrivateKey, PublicKey,
     Timing,
@@ -202,19 +248,27 @@ impl LinkBuilder {
             queues.push(tun.open_queue().map_err(LinkError::io("attaching a TUN queue"))?.into_packet_fd());
         }
         queues.insert(0, tun.into_packet_fd());
-        self.start(queues, Some(name))
+        Ok(self.start(queues.into_iter().map(Some).collect(), Some(name))?.0)
     }
 
     /// Starts the link in the embedded mode: the application sends and receives the inner IP
-    /// packets itself through the returned [`PacketPipe`] (one queue per worker); no TUN
-    /// device, no root.
-    pub fn start_embedded(self) -> Result<(Link, PacketPipe), LinkError> {
-        let (pipe, queues) =
-            PacketPipe::with_queues(self.workers).map_err(LinkError::io("creating the packet pipe"))?;
-        Ok((self.start(queues, None)?, pipe))
+    /// packets itself through the returned [`PacketQueues`], in process (bounded lock-free
+    /// queues, one per worker, and pooled buffers the workers seal and open in place: no
+    /// system call and no copy per packet); no TUN device, no root.
+    pub fn start_embedded(self) -> Result<(Link, PacketQueues), LinkError> {
+        let queues = (0..self.workers).map(|_| None).collect();
+        let (link, app) = self.start(queues, None)?;
+        Ok((link, app.expect("no packet descriptors: in process")))
     }
 
-    fn start(self, queues: Vec<sitelink_io::PacketFd>, ifname: Option<String>) -> Result<Link, LinkError> {
+    /// Starts the workers, one per queue: over the TUN queues given, or, when none is (the
+    /// embedded mode), over in-process queues whose application end is returned.
+    fn start(
+        self,
+        queues: Vec<Option<sitelink_io::PacketFd>>,
+        ifname: Option<String>,
+    ) -> Result<(Link, Option<PacketQueues>), LinkError> {
+        let embedded = queues.iter().all(Option::is_none);
         let mut udp_config = self.udp;
         // Shared by the workers' sockets, and by the peers' connected ones beside them.
         udp_config.reuse_port = true;
@@ -239,6 +293,15 @@ impl LinkBuilder {
         for peer in self.peers {
             device.upsert_peer(now, peer)?;
         }
+        // In process, the application writes into buffers like the workers' own.
+        let (app, in_process) = if embedded {
+            let mtu = device.config().mtu;
+            let (app, side) = sitelink_io::in_process(ios.len(), device.pool_mut(), mtu)
+                .map_err(LinkError::io("creating the in-process packet queues"))?;
+            (Some(app), Some(side))
+        } else {
+            (None, None)
+        };
         let shared = Arc::new(Shared {
             device: Mutex::new(device),
             workers: ios.iter().map(|_| WorkerSlot::default()).collect(),
@@ -253,7 +316,13 @@ impl LinkBuilder {
             port: AtomicU16::new(port),
             fwmark: AtomicU32::new(self.udp.fwmark),
             udp: udp_config,
+            in_process,
         });
+        if let Some(side) = &shared.in_process {
+            for (index, waker) in shared.wakers.iter().enumerate() {
+                side.set_waker(index, waker.clone());
+            }
+        }
         let mut threads = Vec::with_capacity(ios.len());
         for (index, io) in ios.into_iter().enumerate() {
             let worker_shared = Arc::clone(&shared);
@@ -271,7 +340,7 @@ impl LinkBuilder {
                 }
             }
         }
-        Ok(Link { shared, threads: Mutex::new(threads), backend, ifname })
+        Ok((Link { shared, threads: Mutex::new(threads), backend, ifname }, app))
     }
 }
 
@@ -350,6 +419,9 @@ pub struct LinkStats {
     pub opens_shared: u64,
     /// Every peer.
     pub peers: Vec<PeerSnapshot>,
+    /// The embedded mode's packet queues (`None` over a TUN device): packets sent, taken by
+    /// each worker, delivered, and dropped because the application did not keep up.
+    pub in_process: Option<InProcessStats>,
 }
 
 impl LinkStats {
@@ -410,6 +482,7 @@ impl Link {
             io_per_worker,
             opens_shared: self.shared.open_sharing.opens_shared.load(Ordering::Relaxed),
             peers: snapshot_peers(&dev),
+            in_process: self.shared.in_process.as_ref().map(|side| side.stats()),
         }
     }
 

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32};
 use std::sync::{Condvar, Mutex};
 
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
-use sitelink_io::{IoStats, PacketIo, UdpConfig, UdpSocket, Waker};
+use sitelink_io::{InProcessSide, IoStats, PacketIo, UdpConfig, UdpSocket, Waker};
 use sitelink_proto::{CryptoBatch, Device};
 
 use crate::open_sharing::OpenSharing;
@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) fwmark: AtomicU32,
     /// How the link's sockets are made, but for the port and fwmark above.
     pub(crate) udp: UdpConfig,
+    /// The embedded mode's packet side (`None` over a TUN device, which the backends move).
+    pub(crate) in_process: Option<InProcessSide>,
 }
 
 impl Shared {
@@ -61,10 +63,13 @@ impl Shared {
         self.wakers.iter().for_each(Waker::wake);
     }
 
-    /// Tells every worker to stop.
+    /// Tells every worker to stop (and an embedded application waiting on the link).
     pub(crate) fn stop_all(&self) {
         self.stop.store(true, Ordering::Relaxed);
         self.wake_all();
+        if let Some(side) = &self.in_process {
+            side.close();
+        }
     }
 }
 
@@ -142,10 +147,19 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
 
     let mut deadline = lock(&shared.device).next_deadline();
     while !shared.stop.load(Ordering::Relaxed) {
-        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // An embedded application's packets wake the worker only when it sleeps.
+        if let Some(side) = &shared.in_process
+            && !side.going_to_sleep(index)
+        {
+            timeout = Some(Duration::ZERO);
+        }
         shared.open_sharing.set_idle(index, true);
         let waited = io.wait(timeout);
         shared.open_sharing.set_idle(index, false);
+        if let Some(side) = &shared.in_process {
+            side.awake(index);
+        }
         if let Err(e) = waited {
             errors.report("waiting for I/O", &e);
             std::thread::sleep(ERROR_BACKOFF);
@@ -186,7 +200,9 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             if batch.needs_completion() {
                 lock(&shared.device).complete(now, &mut batch, &mut delivered, &mut out);
             }
-            if !delivered.is_empty()
+            if let Some(side) = &shared.in_process {
+                side.deliver(&mut delivered, &mut pool);
+            } else if !delivered.is_empty()
                 && let Err(e) = io.write_packets(&mut delivered, &mut pool)
             {
                 errors.report("writing packets", &e);
@@ -195,7 +211,10 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
 
         let mut failed_read = false;
         let endpoints_moved;
-        if let Err(e) = io.read_packets(&mut pool, &mut read) {
+        if let Some(side) = &shared.in_process {
+            side.take_outbound(index, &mut read, VEC_CAPACITY / 4);
+            side.balance(&mut pool);
+        } else if let Err(e) = io.read_packets(&mut pool, &mut read) {
             if sitelink_io::is_device_gone(&e) {
                 tracing::info!(error = %e, "the TUN device is gone; stopping");
                 shared.stop_all();
@@ -223,6 +242,11 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             deadline = dev.next_deadline();
             endpoints_moved = endpoint_generation != Some(dev.endpoint_generation());
             if endpoints_moved {
+                // The others follow at once, not at their next turn (a worker asleep would
+                // connect mid-stream later, and a flow's datagrams would change sockets).
+                if endpoint_generation.is_some() {
+                    shared.wakers.iter().enumerate().filter(|(i, _)| *i != index).for_each(|(_, w)| w.wake());
+                }
                 endpoint_generation = Some(dev.endpoint_generation());
                 endpoints.clear();
                 // The busiest peers (by traffic, re-ranked each second), not the first configured.

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use sitelink::{BackendKind, Link, LinkBuilder, OsRandom, PacketPipe, PeerConfig, PrivateKey};
+use bytes::BufMut;
+use sitelink::{BackendKind, Link, LinkBuilder, OsRandom, PacketQueues, PeerConfig, PrivateKey};
 use sitelink_frame::ip;
 
 const A: [u8; 4] = [10, 9, 0, 1];
 const B: [u8; 4] = [10, 9, 0, 2];
 
-fn pair(backend: BackendKind, workers: usize) -> ((Link, PacketPipe), (Link, PacketPipe)) {
+fn pair(backend: BackendKind, workers: usize) -> ((Link, PacketQueues), (Link, PacketQueues)) {
     let (key_a, key_b) = (PrivateKey::generate(&mut OsRandom), PrivateKey::generate(&mut OsRandom));
     let (pub_a, pub_b) = (key_a.public_key(), key_b.public_key());
     let start = |key| {
@@ -60,16 +61,21 @@ fn parse(p: &[u8]) -> (u16, u32) {
     (flow, seq)
 }
 
+/// Hands one packet to the link.
+fn send(queues: &PacketQueues, packet: &[u8]) {
+    let mut out = queues.alloc();
+    out.put_slice(packet);
+    queues.send_batch(&mut vec![out], None).unwrap();
+}
+
 /// Receives until `want` packets came or `limit` passed.
-fn receive(pipe: &PacketPipe, want: usize, limit: Duration) -> Vec<Vec<u8>> {
-    pipe.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+fn receive(queues: &PacketQueues, want: usize, limit: Duration) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 2048];
+    let mut batch = Vec::new();
     let start = Instant::now();
     while got.len() < want && start.elapsed() < limit {
-        if let Ok(n) = pipe.recv(&mut buf) {
-            got.push(buf[..n].to_vec());
-        }
+        let _ = queues.recv_batch(&mut batch, want - got.len(), Some(Duration::from_millis(100)));
+        got.extend(batch.drain(..).map(|p| p.to_vec()));
     }
     got
 }
@@ -78,16 +84,14 @@ fn receive(pipe: &PacketPipe, want: usize, limit: Duration) -> Vec<Vec<u8>> {
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// Receives until `want` packets came or [`LIMIT`] passed, counting in `received`.
-fn receive_counting(pipe: &PacketPipe, want: usize, received: &AtomicUsize) -> Vec<Vec<u8>> {
-    pipe.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+fn receive_counting(queues: &PacketQueues, want: usize, received: &AtomicUsize) -> Vec<Vec<u8>> {
     let mut got = Vec::with_capacity(want);
-    let mut buf = vec![0u8; 2048];
+    let mut batch = Vec::new();
     let start = Instant::now();
     while got.len() < want && start.elapsed() < LIMIT {
-        if let Ok(n) = pipe.recv(&mut buf) {
-            got.push(buf[..n].to_vec());
-            received.fetch_add(1, Ordering::Relaxed);
-        }
+        let _ = queues.recv_batch(&mut batch, 64, Some(Duration::from_millis(100)));
+        received.fetch_add(batch.len(), Ordering::Relaxed);
+        got.extend(batch.drain(..).map(|p| p.to_vec()));
     }
     got
 }
@@ -96,19 +100,18 @@ fn many_flows_arrive_whole_and_in_order(backend: BackendKind) {
     const FLOWS: u16 = 32;
     const PER_FLOW: u32 = 100;
     let ((a, pa), (b, pb)) = pair(backend, 2);
-    assert_eq!((a.workers(), b.workers(), pa.queues()), (2, 2, 2));
+    assert_eq!((a.workers(), b.workers()), (2, 2));
     // The first packet starts the handshake; wait for it, so nothing waits in the small
     // staging queue while the bulk goes.
-    pa.send(&packet(A, B, 0, u32::MAX)).unwrap();
+    send(&pa, &packet(A, B, 0, u32::MAX));
     assert_eq!(receive(&pb, 1, Duration::from_secs(10)).len(), 1, "handshake and first packet");
-    pb.send(&packet(B, A, 0, u32::MAX)).unwrap();
+    send(&pb, &packet(B, A, 0, u32::MAX));
     assert_eq!(receive(&pa, 1, Duration::from_secs(10)).len(), 1, "first packet back");
 
     // The sender keeps at most WINDOW packets unreceived: a receiving application that falls
-    // behind loses packets at its full pipe, as a full TUN queue would (counted as
-    // tun_write_errors; a Unix datagram queue holds net.unix.max_dgram_qlen = 10 by default),
-    // and this test is about order, not about overrunning the reader.
-    const WINDOW: usize = 8;
+    // behind loses packets at its full inbound queue, as at a full TUN queue (counted as
+    // inbound_dropped), and this test is about order, not about overrunning the reader.
+    const WINDOW: usize = 256;
     let received = Arc::new(AtomicUsize::new(0));
     let sender = {
         let received = Arc::clone(&received);
@@ -120,7 +123,7 @@ fn many_flows_arrive_whole_and_in_order(backend: BackendKind) {
                     while sent - received.load(Ordering::Relaxed) >= WINDOW && start.elapsed() < LIMIT {
                         std::thread::yield_now();
                     }
-                    pa.send(&packet(A, B, flow, seq)).unwrap();
+                    send(&pa, &packet(A, B, flow, seq));
                     sent += 1;
                 }
             }
@@ -140,12 +143,14 @@ fn many_flows_arrive_whole_and_in_order(backend: BackendKind) {
 
     let (sa, sb) = (a.stats(), b.stats());
     assert_eq!(sa.io_per_worker.len(), 2);
+    let (qa, qb) = (sa.in_process.clone().unwrap(), sb.in_process.clone().unwrap());
     for (i, w) in sa.io_per_worker.iter().enumerate() {
-        assert!(w.tun_rx > 0 && w.udp_tx > 0, "A's worker {i} moved nothing: {w:?}");
+        assert!(qa.taken_per_worker[i] > 0 && w.udp_tx > 0, "A's worker {i} moved nothing: {w:?} {qa:?}");
     }
-    assert_eq!(sa.io.tun_rx, sa.io_per_worker.iter().map(|w| w.tun_rx).sum::<u64>());
+    assert_eq!(qa.sent, qa.taken_per_worker.iter().sum::<u64>());
     assert_eq!(sb.device.drops.total(), 0, "drops at B: {:?}", sb.device.drops);
-    assert_eq!(sb.io.tun_write_errors, 0, "B's application pipe overflowed: {:?}", sb.io);
+    assert_eq!(qb.inbound_dropped, 0, "B's application queue overflowed: {qb:?}");
+    assert_eq!(qb.delivered, u64::from(FLOWS) * u64::from(PER_FLOW) + 1);
     assert_eq!(sb.peers[0].stats.rx_packets, u64::from(FLOWS) * u64::from(PER_FLOW) + 1);
     // Pools warm up to what the backends keep posted, then recycle: far fewer buffers than
     // packets moved.
@@ -168,17 +173,17 @@ fn many_flows_over_two_workers_mmsg() {
 #[test]
 fn a_new_listen_port_reaches_every_worker() {
     let ((a, pa), (b, pb)) = pair(BackendKind::Mmsg, 3);
-    pa.send(&packet(A, B, 0, 0)).unwrap();
+    send(&pa, &packet(A, B, 0, 0));
     assert_eq!(receive(&pb, 1, Duration::from_secs(10)).len(), 1);
     let old = b.port();
     let new = b.set_listen_port(0).unwrap();
     assert_ne!(new, old);
     assert_eq!(b.port(), new);
     // A learns of the move from B's next packet (roaming), so B speaks first.
-    pb.send(&packet(B, A, 1, 1)).unwrap();
+    send(&pb, &packet(B, A, 1, 1));
     assert_eq!(receive(&pa, 1, Duration::from_secs(10)).len(), 1, "B reaches A from its new port");
     for seq in 0..40 {
-        pa.send(&packet(A, B, seq as u16, seq)).unwrap();
+        send(&pa, &packet(A, B, seq as u16, seq));
     }
     assert_eq!(receive(&pb, 40, Duration::from_secs(10)).len(), 40, "A reaches B on its new port");
     let endpoint = a.stats().peers[0].endpoint.unwrap();

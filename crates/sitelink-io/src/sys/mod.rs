@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sitelink_frame::{Datagram, PacketBuf};
 
+mod bufmut;
 mod bufring;
 #[cfg(feature = "testing")]
 pub(crate) mod counting;

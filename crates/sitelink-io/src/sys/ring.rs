@@ -179,7 +179,13 @@ impl Ring {
     /// A ring for `batch` items a turn over the packet descriptor and the shared UDP socket
     /// (registered as files), built disabled: [`enable`](Self::enable) it on the thread that
     /// will drive it.
-    pub(crate) fn new(batch: usize, packets: BorrowedFd<'_>, udp: BorrowedFd<'_>) -> io::Result<Ring> {
+    /// (`packets` is `None` for a backend without a packet side: its slot is left empty and
+    /// no TUN read may be armed.)
+    pub(crate) fn new(
+        batch: usize,
+        packets: Option<BorrowedFd<'_>>,
+        udp: BorrowedFd<'_>,
+    ) -> io::Result<Ring> {
         let entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u32;
         // Enabled by the first `wait`, on the worker thread that drives it from then on: that
         // lets it be single-issuer with deferred task running (the kernel finishes a read
@@ -203,7 +209,8 @@ impl Ring {
                     .build(entries)
             })
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).setup_r_disabled().build(entries))?;
-        ring.submitter().register_files(&[packets.as_raw_fd(), udp.as_raw_fd()])?;
+        // A sparse slot (-1) where there is no packet descriptor.
+        ring.submitter().register_files(&[packets.map_or(-1, |p| p.as_raw_fd()), udp.as_raw_fd()])?;
         let ring_entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u16;
         let udp_bufs = Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?;
         let tun_bufs = Provided::new(ring_entries, BGID_TUN, 0, DEFAULT_TAILROOM)?;

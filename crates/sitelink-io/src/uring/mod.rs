@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
 use crate::backend::BackendKind;
-use crate::backend::PacketIo;
+use crate::backend::{PacketIo, no_packet_side};
 use crate::calls::group_for_gso;
 use crate::peers::{PeerSocket, PeerSockets};
 use crate::socket::UdpSocket;
@@ -52,7 +52,8 @@ pub struct UringIo {
     // to end, before the descriptors below close.
     ring: Ring,
     /// The TUN device (or pipe); the ring's registered file table refers to it.
-    packets: PacketFd,
+    /// The TUN side; `None` when packets move in process ([`open_backend`](crate::open_backend)).
+    packets: Option<PacketFd>,
     udp: UdpSocket,
     batch: usize,
     groups: Vec<SendGroup>,
@@ -94,12 +95,24 @@ impl std::fmt::Debug for UringIo {
 impl UringIo {
     /// A backend over `packets` and `udp` moving up to `batch` items per turn.
     pub fn new(packets: PacketFd, udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
+        UringIo::with_packet_side(Some(packets), udp, batch)
+    }
+
+    /// A backend over `udp` alone: its worker moves packets in process, and
+    /// [`read_packets`](PacketIo::read_packets) finds none.
+    pub fn without_packets(udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
+        UringIo::with_packet_side(None, udp, batch)
+    }
+
+    fn with_packet_side(packets: Option<PacketFd>, udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
         // Non-blocking: the ring reads it with a multishot read, which the kernel then serves
         // as packets arrive (on a blocking descriptor each read would park a kernel worker
         // thread, and every packet would cost a wake-up of one of them before ours); readiness
         // mode reads it with plain calls after epoll says it is readable.
-        crate::sys::set_nonblocking(packets.as_fd(), true)?;
-        let ring = Ring::new(batch, packets.as_fd(), udp.as_fd())?;
+        if let Some(p) = &packets {
+            crate::sys::set_nonblocking(p.as_fd(), true)?;
+        }
+        let ring = Ring::new(batch, packets.as_ref().map(AsFd::as_fd), udp.as_fd())?;
         let gso = udp.supports_gso();
         Ok(UringIo {
             ring,
@@ -156,7 +169,7 @@ impl UringIo {
         for p in &self.peers.list {
             self.ring.arm_recv(Socket::Peer(p.id, p.sock.as_fd()))?;
         }
-        if self.tun_read_error.is_none() {
+        if self.packets.is_some() && self.tun_read_error.is_none() {
             self.ring.arm_tun_read()?;
         }
         self.ring.arm_wake(self.waker.0.as_fd())
@@ -255,7 +268,7 @@ impl UringIo {
         !self.ring.wake_armed()
             || (!self.quiet.active
                 && (!self.ring.recv_armed(0)
-                    || !self.ring.tun_read_armed()
+                    || (self.packets.is_some() && !self.ring.tun_read_armed())
                     || self.peers.list.iter().any(|p| !self.ring.recv_armed(p.id))))
     }
 
@@ -377,7 +390,9 @@ impl PacketIo for UringIo {
             self.quiet.ready &= !READY_TUN;
             // A full batch: more is waiting, the traffic is no longer sparse; the ring takes
             // over (the multishot read, armed below, reads the rest).
-            if crate::calls::read_packet_batch(&self.packets, self.batch, pool, out, &mut self.stats)? {
+            if let Some(packets) = &self.packets
+                && crate::calls::read_packet_batch(packets, self.batch, pool, out, &mut self.stats)?
+            {
                 self.quiet.active = false;
             }
         }
@@ -424,6 +439,9 @@ impl PacketIo for UringIo {
 
     fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
         self.recycle_done(pool);
+        if self.packets.is_none() {
+            return no_packet_side(packets, pool);
+        }
         if self.quiet.active {
             self.idle_write(packets, pool);
             return Ok(());

@@ -110,7 +110,8 @@ impl UringIo {
         if self.has_work() {
             return Ok(());
         }
-        let ready = self.quiet.readiness.wait(&self.udp, &self.packets, &self.waker, &self.peers, timeout)?;
+        let ready =
+            self.quiet.readiness.wait(&self.udp, self.packets.as_ref(), &self.waker, &self.peers, timeout)?;
         let n = POLL_OWN + self.peers.list.len();
         if ready[2] {
             self.waker.drain();
@@ -201,9 +202,14 @@ impl UringIo {
     /// Writes the plain way; as the ring does, what the kernel answers at once is read this
     /// turn.
     pub(super) fn idle_write(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) {
+        let Some(fd) = &self.packets else {
+            // (write_packets answered already: no packet side.)
+            packets.drain(..).for_each(|b| pool.put(b));
+            return;
+        };
         if !packets.is_empty() {
             self.quiet.ready |= READY_TUN;
         }
-        write_packet_batch(&self.packets, packets, pool, &mut self.stats);
+        write_packet_batch(fd, packets, pool, &mut self.stats);
     }
 }

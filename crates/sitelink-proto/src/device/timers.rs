@@ -73,6 +73,9 @@ impl Device {
         peer.stats.handshakes_completed += 1;
         peer.stats.last_handshake = Some(now_wall);
         self.stats.sessions_established += 1;
+        // A new session is about to carry traffic: rank the peer now (while the ranking has
+        // room), so the I/O layer connects its socket before the data flows, not mid-stream.
+        self.note_traffic(now, pid, 0);
     }
 
     pub(super) fn clear_sessions(&mut self, pid: PeerId) {
