@@ -26,7 +26,7 @@
 //! # Embedded: the application moves the packets
 //!
 //! [`LinkBuilder::start_embedded`] returns [`PacketQueues`]: the application takes a buffer from
-//! the link ([`PacketQueues::alloc`]), writes an IP packet into it through [`bytes::BufMut`],
+//! the link ([`PacketQueues::alloc`]), writes an IP packet into it through `bytes::BufMut`,
 //! and hands a batch over ([`PacketQueues::send_batch`]); the workers seal each packet where it
 //! lies. Opened packets come out as [`InPacket`]s ([`PacketQueues::recv_batch`]), each its
 //! pooled buffer, returned when dropped. No system call and no copy per packet between the
