@@ -148,6 +148,19 @@ pub(crate) enum Event {
 /// Backends dropped with requests still in flight, whose memory was leaked (see `Drop`).
 pub(crate) static DROPS_LEAKED: AtomicU64 = AtomicU64::new(0);
 
+/// Buffers in each provided-buffer ring of a ring for `batch` items a turn.
+pub(crate) fn provided_entries(batch: usize) -> usize {
+    (batch * 4).next_power_of_two().clamp(64, 4096)
+}
+
+/// The most buffers one [`Ring::reap`] can hand back: every send slot's datagrams (a GSO send
+/// holds up to [`GSO_MAX_SEGMENTS`]), every TUN write, and both provided rings' buffers. A
+/// done list made with this capacity never grows, so reaping never allocates, whatever the
+/// timing.
+pub(crate) fn most_done(batch: usize) -> usize {
+    batch * GSO_MAX_SEGMENTS + batch * 2 + 2 * provided_entries(batch)
+}
+
 /// One io_uring with the memory its requests use. See the module documentation.
 pub(crate) struct Ring {
     // Field order matters for drop: `Drop` drains (or leaks) first; the ring's file closes
@@ -211,7 +224,7 @@ impl Ring {
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).setup_r_disabled().build(entries))?;
         // A sparse slot (-1) where there is no packet descriptor.
         ring.submitter().register_files(&[packets.map_or(-1, |p| p.as_raw_fd()), udp.as_raw_fd()])?;
-        let ring_entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u16;
+        let ring_entries = provided_entries(batch) as u16;
         let udp_bufs = Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?;
         let tun_bufs = Provided::new(ring_entries, BGID_TUN, 0, DEFAULT_TAILROOM)?;
         for p in [&udp_bufs, &tun_bufs] {

@@ -121,9 +121,11 @@ impl UringIo {
             batch,
             groups: Vec::with_capacity(batch),
             send_bufs: Vec::with_capacity(crate::sys::GSO_MAX_SEGMENTS),
-            ready_packets: Vec::with_capacity(batch),
-            ready_datagrams: Vec::with_capacity(batch * 4),
-            done: Vec::with_capacity(batch * 2),
+            // Each ready list holds at most its provided ring's buffers.
+            ready_packets: Vec::with_capacity(crate::sys::ring::provided_entries(batch)),
+            ready_datagrams: Vec::with_capacity(crate::sys::ring::provided_entries(batch)),
+            // (Sized for the most a reap returns: growing it later would allocate mid-traffic.)
+            done: Vec::with_capacity(crate::sys::ring::most_done(batch)),
             waker: Waker::new()?,
             gso,
             tun_read_error: None,
