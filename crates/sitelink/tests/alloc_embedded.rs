@@ -91,6 +91,7 @@ fn embedded_path_allocates_nothing(backend: BackendKind) {
         s.buffers_allocated + s.in_process.map_or(0, |q| q.buffers_allocated)
     };
     let before = (buffers(&a), buffers(&b));
+    GLOBAL.trace_first_allocation();
     GLOBAL.start();
     exchange(&qa, &qb, 1000, &packets);
     let allocations = GLOBAL.stop();
@@ -101,6 +102,9 @@ fn embedded_path_allocates_nothing(backend: BackendKind) {
     );
     a.shutdown();
     b.shutdown();
+    if let Some(first) = GLOBAL.first_allocation() {
+        eprintln!("the first allocation counted came from {first}");
+    }
     assert_eq!(
         allocations,
         0,

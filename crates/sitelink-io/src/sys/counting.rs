@@ -14,18 +14,48 @@ pub struct CountingAllocator {
     on: AtomicBool,
     count: AtomicU64,
     live: AtomicI64,
+    /// Capture where the first counted allocation came from ([`first_allocation`]).
+    ///
+    /// [`first_allocation`]: CountingAllocator::first_allocation
+    trace_first: AtomicBool,
 }
+
+std::thread_local! {
+    /// Set while this thread captures a backtrace (whose own allocations are not counted).
+    static CAPTURING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The backtrace of the first allocation counted since [`CountingAllocator::start`], if
+/// tracing was asked for.
+static FIRST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 impl CountingAllocator {
     /// A counter, switched off.
     pub const fn new() -> Self {
-        CountingAllocator { on: AtomicBool::new(false), count: AtomicU64::new(0), live: AtomicI64::new(0) }
+        CountingAllocator {
+            on: AtomicBool::new(false),
+            count: AtomicU64::new(0),
+            live: AtomicI64::new(0),
+            trace_first: AtomicBool::new(false),
+        }
     }
 
     /// Starts counting (from zero).
     pub fn start(&self) {
+        *FIRST.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.count.store(0, Ordering::SeqCst);
         self.on.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the next [`start`](Self::start) capture where the first counted allocation came
+    /// from, for a failing test to show ([`first_allocation`](Self::first_allocation)).
+    pub fn trace_first_allocation(&self) {
+        self.trace_first.store(true, Ordering::SeqCst);
+    }
+
+    /// The backtrace of the first allocation counted, if it was traced.
+    pub fn first_allocation(&self) -> Option<String> {
+        FIRST.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Stops counting and returns the allocations counted.
@@ -45,8 +75,19 @@ impl CountingAllocator {
     }
 
     fn note(&self) {
-        if self.on.load(Ordering::Relaxed) {
-            self.count.fetch_add(1, Ordering::Relaxed);
+        if !self.on.load(Ordering::Relaxed) || CAPTURING.with(std::cell::Cell::get) {
+            return;
+        }
+        let first = self.count.fetch_add(1, Ordering::Relaxed) == 0;
+        if first && self.trace_first.load(Ordering::Relaxed) {
+            CAPTURING.with(|c| c.set(true));
+            let trace = format!(
+                "thread {:?}:\n{}",
+                std::thread::current().name(),
+                std::backtrace::Backtrace::force_capture()
+            );
+            *FIRST.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(trace);
+            CAPTURING.with(|c| c.set(false));
         }
     }
 }
