@@ -169,6 +169,8 @@ pub struct DeviceConfig {
     pub handshake_load_threshold: u32,
     /// Handshakes accepted per second from one source address while under load.
     pub handshakes_per_source_per_second: u32,
+    /// How the paths of peers with several endpoints are probed and judged.
+    pub paths: crate::device::PathTiming,
 }
 
 impl DeviceConfig {
@@ -181,6 +183,7 @@ impl DeviceConfig {
             max_staged_packets: 128,
             handshake_load_threshold: 128,
             handshakes_per_source_per_second: 20,
+            paths: crate::device::PathTiming::default(),
         }
     }
 }
@@ -192,8 +195,17 @@ pub struct PeerConfig {
     pub public_key: PublicKey,
     /// The preshared key, or `None` for none.
     pub preshared_key: Option<PresharedKey>,
-    /// Where to send, until the peer roams (its latest authenticated source wins).
+    /// Where to send, until the peer roams (its latest authenticated source wins). With
+    /// `fallback_endpoints`, the preferred of the peer's paths.
     pub endpoint: Option<SocketAddr>,
+    /// More endpoints of the peer, in order of preference after `endpoint`: one path each,
+    /// watched, with failover (see [`PathTiming`](crate::PathTiming)). Empty: plain WireGuard.
+    pub fallback_endpoints: Vec<SocketAddr>,
+    /// Probe every path with keepalives (both ends sitelink). Turn it off against a stock
+    /// WireGuard peer, which follows the source of every packet: its paths are then judged
+    /// by its own packets (give it a persistent keepalive of a second), and failover starts
+    /// a handshake on the next endpoint.
+    pub probe_paths: bool,
     /// The inner addresses this peer may send from and is sent to.
     pub allowed_ips: Vec<IpNet>,
     /// Send a keepalive after this long without sending, to hold NAT mappings open.
@@ -207,6 +219,8 @@ impl PeerConfig {
             public_key,
             preshared_key: None,
             endpoint: None,
+            fallback_endpoints: Vec::new(),
+            probe_paths: true,
             allowed_ips: Vec::new(),
             persistent_keepalive: None,
         }

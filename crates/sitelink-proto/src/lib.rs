@@ -24,7 +24,10 @@ pub mod sim;
 
 pub use batch::CryptoBatch;
 pub use config::{DeviceConfig, IpNet, IpNetError, PeerConfig, Timing};
-pub use device::{BUSIEST_PEERS, Device, DeviceError, PeerView, RANK_INTERVAL};
+pub use device::{
+    BUSIEST_PEERS, Device, DeviceError, PathStats, PathSwitch, PathSwitchReason, PathTiming, PeerView,
+    RANK_INTERVAL,
+};
 pub use peer::PeerId;
 pub use ratelimit::RateLimiter;
 pub use routing::AllowedIps;

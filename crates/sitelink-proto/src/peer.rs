@@ -38,15 +38,18 @@ pub(crate) enum Timer {
     ZeroKeyMaterial,
     /// Configured persistent keepalive.
     PersistentKeepalive,
+    /// Judge and probe the paths of a peer with several endpoints (see `device/paths.rs`).
+    PathProbe,
 }
 
 impl Timer {
-    pub(crate) const ALL: [Timer; 5] = [
+    pub(crate) const ALL: [Timer; 6] = [
         Timer::RetransmitHandshake,
         Timer::SendKeepalive,
         Timer::NewHandshake,
         Timer::ZeroKeyMaterial,
         Timer::PersistentKeepalive,
+        Timer::PathProbe,
     ];
 }
 
@@ -152,6 +155,10 @@ pub(crate) struct Peer {
     pub(crate) busy_bytes: u64,
     /// On the device's list of peers active since the last ranking.
     pub(crate) busy_listed: bool,
+    /// The peer's paths when it has several endpoints (see `device/paths.rs`).
+    pub(crate) paths: crate::device::Paths,
+    /// When data (not a keepalive) last went either way: probing runs while it is recent.
+    pub(crate) last_data_at: Option<Instant>,
 }
 
 impl Peer {
@@ -179,6 +186,8 @@ impl Peer {
             stats: PeerStats::default(),
             busy_bytes: 0,
             busy_listed: false,
+            paths: crate::device::Paths::default(),
+            last_data_at: None,
         }
     }
 

@@ -101,7 +101,26 @@ pub struct Node {
     pub inner: Ipv4Addr,
     /// How many times the device has drawn from its random source.
     pub rng_calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// More UDP addresses (other uplinks): path `k` (from 1) of the node is `extra_addrs[k -
+    /// 1]`, path 0 is `addr`. A datagram to another node's path-`k` address leaves from this
+    /// node's path-`k` address (the routes of a two-uplink site), or from `addr` without one.
+    pub extra_addrs: Vec<SocketAddr>,
     delivered: Vec<PacketBuf>,
+}
+
+impl Node {
+    /// The node's address on path `k`.
+    pub fn path_addr(&self, k: usize) -> Option<SocketAddr> {
+        if k == 0 { Some(self.addr) } else { self.extra_addrs.get(k - 1).copied() }
+    }
+
+    fn path_of(&self, addr: SocketAddr) -> Option<usize> {
+        if addr == self.addr {
+            Some(0)
+        } else {
+            self.extra_addrs.iter().position(|a| *a == addr).map(|i| i + 1)
+        }
+    }
 }
 
 struct InFlight {
@@ -124,6 +143,9 @@ pub struct Net {
     pub filter: Option<DropFilter>,
     /// Every datagram put on the wire, for replay tests: `(from, to, bytes)`.
     pub record: Option<Vec<(SocketAddr, SocketAddr, Vec<u8>)>>,
+    /// Paths (by index, see [`Node::extra_addrs`]) that are down: whatever is sent to or from
+    /// an address of theirs vanishes, in silence.
+    pub down_paths: Vec<usize>,
     flight: VecDeque<InFlight>,
     seq: u64,
     rng: SeededRandom,
@@ -161,6 +183,7 @@ impl Net {
             wire: WireConfig::default(),
             filter: None,
             record: None,
+            down_paths: Vec::new(),
             flight: VecDeque::new(),
             seq: 0,
             rng: SeededRandom::new(seed ^ 0x5eed),
@@ -186,6 +209,7 @@ impl Net {
             addr: node_addr(i),
             inner: node_inner(i),
             rng_calls,
+            extra_addrs: Vec::new(),
             delivered: Vec::new(),
         });
         i
@@ -207,6 +231,32 @@ impl Net {
         let now = self.now;
         self.nodes[x].dev.upsert_peer(now, pc).expect("distinct keys");
         self.check(x);
+    }
+
+    /// Makes `y` a peer of `x` reached over every path `y` has: its `addr` preferred, then its
+    /// `extra_addrs` in order; `probe` as in [`PeerConfig::probe_paths`].
+    pub fn add_multipath_peer(&mut self, x: usize, y: usize, probe: bool) {
+        let mut pc = PeerConfig::new(node_key(y).public_key());
+        pc.endpoint = Some(self.nodes[y].addr);
+        pc.fallback_endpoints = self.nodes[y].extra_addrs.clone();
+        pc.probe_paths = probe;
+        pc.allowed_ips = vec![IpNet::new(IpAddr::V4(self.nodes[y].inner), 32).expect("valid /32")];
+        let now = self.now;
+        self.nodes[x].dev.upsert_peer(now, pc).expect("distinct keys");
+        self.check(x);
+    }
+
+    /// Two nodes with two paths each (path 1 on 203.0.113.0/24), peers of each other over
+    /// both, probing.
+    pub fn multipath_pair(seed: u64) -> Self {
+        let mut net = Net::new(seed);
+        for i in 0..2 {
+            net.add_node(|_| {});
+            net.nodes[i].extra_addrs.push(SocketAddr::from(([203, 0, 113, 1 + i as u8], 51820)));
+        }
+        net.add_multipath_peer(0, 1, true);
+        net.add_multipath_peer(1, 0, true);
+        net
     }
 
     /// Two linked nodes with default configuration.
@@ -251,8 +301,14 @@ impl Net {
     }
 
     fn put_on_wire(&mut self, from: usize, out: &mut Vec<Datagram>) {
-        let src = self.nodes[from].addr;
         for d in out.drain(..) {
+            // The route to the destination's path picks the source address.
+            let path = self.nodes.iter().find_map(|n| n.path_of(d.addr)).unwrap_or(0);
+            let src = self.nodes[from].path_addr(path).unwrap_or(self.nodes[from].addr);
+            if self.down_paths.contains(&path) {
+                self.nodes[from].dev.recycle(d.buf);
+                continue;
+            }
             if let Some(rec) = self.record.as_mut() {
                 rec.push((src, d.addr, d.buf.data().to_vec()));
             }
@@ -356,7 +412,7 @@ impl Net {
             {
                 let pos = self.flight.iter().position(|f| f.seq == seq).expect("present");
                 let f = self.flight.remove(pos).expect("present");
-                match self.nodes.iter().position(|n| n.addr == f.to) {
+                match self.nodes.iter().position(|n| n.path_of(f.to).is_some()) {
                     Some(to) => self.deliver(to, f.from, f.buf),
                     None => drop(f.buf), // nobody at that address any more (roamed away)
                 }

@@ -184,13 +184,27 @@ fn parse_with(text: &str, resolve: bool) -> Result<Config, ConfError> {
                         )
                     }
                     "endpoint" => {
-                        let ep = if resolve { resolve_endpoint(value) } else { parse_endpoint(value) };
-                        p.endpoint = Some(ep.ok_or_else(|| {
-                            err(format!(
-                                "Endpoint: not ip:port{} {value:?}",
-                                if resolve { " or resolvable" } else { "" }
-                            ))
-                        })?)
+                        // One endpoint, or several (comma-separated, preferred first): one path
+                        // each, watched, with failover.
+                        let mut endpoints = Vec::new();
+                        for part in value.split(',').map(str::trim) {
+                            let ep = if resolve { resolve_endpoint(part) } else { parse_endpoint(part) };
+                            endpoints.push(ep.ok_or_else(|| {
+                                err(format!(
+                                    "Endpoint: not ip:port{} {part:?}",
+                                    if resolve { " or resolvable" } else { "" }
+                                ))
+                            })?);
+                        }
+                        p.endpoint = endpoints.first().copied();
+                        p.fallback_endpoints = endpoints.split_off(1);
+                    }
+                    "probepaths" => {
+                        p.probe_paths = match value.to_ascii_lowercase().as_str() {
+                            "true" | "on" | "yes" => true,
+                            "false" | "off" | "no" => false,
+                            _ => return Err(err("ProbePaths: true or false".into())),
+                        }
                     }
                     "allowedips" => {
                         for part in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -245,6 +259,27 @@ mod tests {
         assert_eq!(c.peers[0].allowed_ips.len(), 2);
         assert_eq!(c.peers[0].persistent_keepalive, Some(Duration::from_secs(25)));
         assert!(c.into_builder().is_ok());
+    }
+
+    #[test]
+    fn several_endpoints_make_paths_preferred_first() {
+        let text = format!(
+            "[Peer]\nPublicKey = {PUB}\nEndpoint = 192.0.2.1:51820, [2001:db8::1]:51820 ,198.51.100.7:4500\n\
+             ProbePaths = off\n"
+        );
+        let c = parse(&text).unwrap();
+        let p = &c.peers[0];
+        assert_eq!(p.endpoint, Some("192.0.2.1:51820".parse().unwrap()));
+        assert_eq!(
+            p.fallback_endpoints,
+            ["[2001:db8::1]:51820".parse().unwrap(), "198.51.100.7:4500".parse().unwrap()]
+        );
+        assert!(!p.probe_paths);
+        let one = parse(&format!("[Peer]\nPublicKey = {PUB}\nEndpoint = 192.0.2.1:51820\n")).unwrap();
+        assert!(one.peers[0].fallback_endpoints.is_empty() && one.peers[0].probe_paths);
+        let bad = parse(&format!("[Peer]\nPublicKey = {PUB}\nEndpoint = 192.0.2.1:51820, nowhere\n"));
+        assert!(bad.unwrap_err().to_string().contains("\"nowhere\""));
+        assert!(parse(&format!("[Peer]\nPublicKey = {PUB}\nProbePaths = maybe\n")).is_err());
     }
 
     #[test]

@@ -89,8 +89,8 @@ pub use change::{PeerChange, SetRequest};
 pub use rand::OsRandom;
 pub use sitelink_io::{BackendKind, InPacket, InProcessStats, IoStats, OutPacket, PacketQueues, Tun};
 pub use sitelink_proto::{
-    DeviceConfig, DeviceStats, DropReason, IpNet, PeerConfig, PeerStats, PresharedKey, PrivateKey, PublicKey,
-    Timing,
+    DeviceConfig, DeviceStats, DropReason, IpNet, PathStats, PathSwitch, PathSwitchReason, PathTiming,
+    PeerConfig, PeerStats, PresharedKey, PrivateKey, PublicKey, Timing,
 };
 
 use sitelink_io::{UdpConfig, UdpSocket};
@@ -400,6 +400,9 @@ pub struct PeerSnapshot {
     pub persistent_keepalive: Option<Duration>,
     /// Its counters.
     pub stats: PeerStats,
+    /// Each configured path (preferred first) when the peer has several endpoints: alive,
+    /// active, last received, switches, probe traffic. Empty with one endpoint.
+    pub paths: Vec<PathStats>,
 }
 
 /// A snapshot of a link's counters.
@@ -669,6 +672,7 @@ pub(crate) fn snapshot_peers(dev: &Device) -> Vec<PeerSnapshot> {
             allowed_ips: p.allowed_ips().to_vec(),
             persistent_keepalive: p.persistent_keepalive(),
             stats: p.stats().clone(),
+            paths: p.paths(),
         })
         .collect()
 }

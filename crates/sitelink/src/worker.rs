@@ -141,6 +141,8 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
     // The peers' endpoints as last given to the backend's connected sockets.
     let mut endpoints: Vec<std::net::SocketAddr> = Vec::with_capacity(sitelink_io::MAX_CONNECTED_PEERS);
     let mut endpoint_generation = None;
+    // Changes of peers' active paths, taken from the engine and logged after its lock.
+    let mut path_switches: Vec<sitelink_proto::PathSwitch> = Vec::with_capacity(256);
     // How many distinct endpoints want a socket, and when the backend was last asked.
     let mut endpoints_wanted = 0u64;
     let mut last_connect = Instant::now();
@@ -240,6 +242,7 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
                 last_drop_log = now;
             }
             deadline = dev.next_deadline();
+            dev.take_path_switches(&mut path_switches);
             endpoints_moved = endpoint_generation != Some(dev.endpoint_generation());
             if endpoints_moved {
                 // The others follow at once, not at their next turn (a worker asleep would
@@ -254,6 +257,15 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
                 endpoints_wanted =
                     endpoints.iter().enumerate().filter(|(i, a)| !endpoints[..*i].contains(a)).count() as u64;
             }
+        }
+        for s in path_switches.drain(..) {
+            tracing::warn!(
+                peer = %s.public_key.to_base64(),
+                from = ?s.from,
+                to = %s.to,
+                reason = ?s.reason,
+                "a peer's traffic moved to another path"
+            );
         }
         // When the peers' endpoints change (configuration, handshakes, roaming: rarely), the
         // backend's connected sockets follow, before this turn's sends.

@@ -77,7 +77,10 @@ impl Device {
         };
         self.peer_mut(pid).keys.set_preshared_key(config.preshared_key.unwrap_or_default());
         if let Some(ep) = config.endpoint {
-            self.move_endpoint(pid, ep);
+            let mut endpoints = Vec::with_capacity(1 + config.fallback_endpoints.len());
+            endpoints.push(ep);
+            endpoints.extend_from_slice(&config.fallback_endpoints);
+            self.set_paths(now, pid, &endpoints, config.probe_paths);
         }
         self.set_persistent_keepalive(now, pid, config.persistent_keepalive)?;
         self.set_allowed_ips(pid, &config.allowed_ips)?;
@@ -111,9 +114,10 @@ impl Device {
         }
     }
 
-    /// Sets a peer's endpoint (it changes again when the peer roams).
+    /// Sets a peer's endpoint (it changes again when the peer roams). One endpoint replaces
+    /// a list of them, as `wg set ... endpoint` does.
     pub fn set_endpoint(&mut self, pid: PeerId, endpoint: SocketAddr) -> Result<(), DeviceError> {
-        self.peer_checked(pid)?;
+        self.peer_checked(pid)?.paths = super::Paths::default();
         self.move_endpoint(pid, endpoint);
         Ok(())
     }

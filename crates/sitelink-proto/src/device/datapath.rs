@@ -298,7 +298,16 @@ impl Device {
         buf.truncate(len);
         // Authenticated from here on.
         peer.stats.rx_bytes += job.wire_len as u64;
-        self.move_endpoint(pid, job.addr);
+        if len > 0 {
+            peer.last_data_at = Some(now);
+        }
+        if !self.path_received(now, pid, job.addr) {
+            self.move_endpoint(pid, job.addr);
+        }
+        if len > 0 {
+            // Data, not a probe or keepalive: the link is in use, so its paths are watched.
+            self.arm_path_probe(now, pid);
+        }
         self.note_traffic(now, pid, job.wire_len);
         let confirmed = slot == Slot::Next;
         if confirmed {

@@ -184,7 +184,9 @@ impl Device {
         peer.greatest_timestamp = Some(received.timestamp());
         peer.last_initiation_consumed = Some(now);
         peer.stats.rx_bytes += INITIATION_LEN as u64;
-        self.move_endpoint(pid, d.addr);
+        if !self.path_received(now, pid, d.addr) {
+            self.move_endpoint(pid, d.addr);
+        }
         self.on_authenticated_received(now, pid);
 
         // Answer it. The response goes into the datagram's own buffer.
@@ -256,10 +258,6 @@ impl Device {
         };
         peer.pending = None;
         peer.stats.rx_bytes += RESPONSE_LEN as u64;
-        if peer.endpoint != Some(d.addr) {
-            peer.endpoint = Some(d.addr);
-            self.endpoint_generation += 1;
-        }
         // The initiator's new keypair is confirmed at once: it becomes current. A keypair
         // waiting for confirmation (both sides initiated at once) is demoted to previous, and
         // the current one is then dropped, as the kernel module does; else current becomes
@@ -276,7 +274,11 @@ impl Device {
         for kp in dropped.into_iter().flatten() {
             self.by_index.remove(&kp.local_index);
         }
+        let from = d.addr;
         self.pool.put(d.buf);
+        if !self.path_received(now, pid, from) {
+            self.move_endpoint(pid, from);
+        }
         self.session_derived(now, pid);
         self.handshake_complete(now, pid);
         self.on_authenticated_received(now, pid);

@@ -25,11 +25,14 @@ use crate::routing::AllowedIps;
 use crate::stats::{DeviceStats, DropReason, PeerStats};
 
 pub use busy::{BUSIEST_PEERS, RANK_INTERVAL};
+pub(crate) use paths::Paths;
+pub use paths::{PathStats, PathSwitch, PathSwitchReason, PathTiming};
 
 mod busy;
 mod configure;
 mod datapath;
 mod handshake;
+mod paths;
 mod timers;
 
 /// Errors of the control-path methods.
@@ -137,6 +140,10 @@ impl<'a> PeerView<'a> {
     pub fn stats(&self) -> &'a PeerStats {
         &self.peer.stats
     }
+    /// Each configured path's state, preferred first (empty with fewer than two endpoints).
+    pub fn paths(&self) -> Vec<PathStats> {
+        if self.peer.paths.multipath() { self.peer.paths.stats() } else { Vec::new() }
+    }
     /// Whether a keypair is ready to send on at `now`.
     pub fn has_session(&self, now: Instant, device: &Device) -> bool {
         self.peer.current.as_ref().is_some_and(|k| k.can_send(now, &device.config.timing))
@@ -193,6 +200,8 @@ pub struct Device {
     next_epoch: u32,
     /// The busiest peers, whose endpoints get connected sockets (see `busy.rs`).
     busy: busy::BusyPeers,
+    /// Changes of peers' active paths not yet taken by the application (see `paths.rs`).
+    path_switches: Vec<PathSwitch>,
 }
 
 /// One entry of the timer queue: peer `pid` (of `epoch`) has timer `timer` due at `at`, or
@@ -267,6 +276,7 @@ impl Device {
             timer_queue: BinaryHeap::new(),
             next_epoch: 0,
             busy: busy::BusyPeers::default(),
+            path_switches: Vec::new(),
             config,
         }
     }
@@ -329,6 +339,19 @@ impl Device {
                     Some(e) if e.at <= *at && in_queue.contains(&e) => {}
                     _ => return Err(format!("peer {i}'s timer {t} has no queue entry at or before it")),
                 }
+            }
+            let paths = &peer.paths;
+            let flagged = paths.list.iter().filter(|p| p.stats.active).count();
+            if paths.active.is_some_and(|a| a >= paths.list.len())
+                || flagged != usize::from(paths.active.is_some())
+                || paths.active.is_some_and(|a| !paths.list[a].stats.active)
+            {
+                return Err(format!("peer {i}'s active path and its flags disagree"));
+            }
+            if let Some(a) = paths.active
+                && peer.endpoint != Some(paths.list[a].stats.endpoint)
+            {
+                return Err(format!("peer {i}'s endpoint is not its active path's"));
             }
             for index in peer.indices() {
                 held += 1;

@@ -20,6 +20,9 @@ impl Device {
         let jitter = if needs_new_handshake_timer { self.jitter() } else { Duration::ZERO };
         let peer = self.peer_mut(pid);
         peer.cancel_timer(Timer::SendKeepalive);
+        if is_data {
+            peer.last_data_at = Some(now);
+        }
         let keepalive = peer.persistent_keepalive;
         if needs_new_handshake_timer {
             self.arm(
@@ -30,6 +33,9 @@ impl Device {
         }
         if let Some(interval) = keepalive {
             self.arm(pid, Timer::PersistentKeepalive, now + interval);
+        }
+        if is_data {
+            self.arm_path_probe(now, pid);
         }
     }
 
@@ -238,6 +244,7 @@ impl Device {
                     self.send_keepalive(now, pid, batch, out);
                 }
             }
+            Timer::PathProbe => self.on_path_probe(now, pid, batch, out),
         }
     }
 
