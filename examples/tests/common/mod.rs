@@ -261,6 +261,91 @@ for i in range(COUNT):
         (v[0], v[1], v[2])
     }
 
+    /// A second underlay path: another veth pair between the namespaces, 10.203.0.1 (A) and
+    /// 10.203.0.2 (B), whose ends are returned as [A's, B's]. Gone with the namespaces.
+    pub fn add_second_path(&mut self) -> [String; 2] {
+        let id = &self.veth[0][2..];
+        let ends = [format!("pa{id}"), format!("pb{id}")];
+        let [a, b] = &self.ns;
+        must(&format!("ip link add {} type veth peer name {}", ends[0], ends[1]));
+        must(&format!("ip link set {} netns {a} && ip link set {} netns {b}", ends[0], ends[1]));
+        must(&format!(
+            "ip -n {a} addr add 10.203.0.1/24 dev {} && ip -n {b} addr add 10.203.0.2/24 dev {}",
+            ends[0], ends[1]
+        ));
+        must(&format!("ip -n {a} link set {} up && ip -n {b} link set {} up", ends[0], ends[1]));
+        ends
+    }
+
+    /// Starts a flow of numbered, checksummed UDP datagrams, `per_second` for `seconds`, from
+    /// `from` to the other side through the tunnel. [`GapFlow::finish`] tells what arrived.
+    pub fn start_gap_flow(&self, from: usize, per_second: u32, seconds: u32) -> GapFlow {
+        let to = 1 - from;
+        let receiver = r#"
+import socket, hashlib
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.202.0.TO", 6001))
+s.settimeout(4)
+seen = set(); dup = 0; bad = 0
+while True:
+    try:
+        d = s.recv(2048)
+    except socket.timeout:
+        break
+    body = d[:-16]
+    if hashlib.sha256(body).digest()[:16] != d[-16:]:
+        bad += 1
+        continue
+    seq = int.from_bytes(body[:8], "big")
+    if seq in seen:
+        dup += 1
+    seen.add(seq)
+top = max(seen) if seen else 0
+run = longest = 0
+for i in range(top + 1):
+    if i in seen:
+        run = 0
+    else:
+        run += 1
+        longest = max(longest, run)
+print(len(seen), dup, bad, longest)
+"#
+        .replace("TO", &(to + 1).to_string());
+        let sender = r#"
+import socket, hashlib, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+gap = 1.0 / RATE
+t = time.time()
+for i in range(COUNT):
+    body = i.to_bytes(8, "big") + bytes((i * 31 + k) % 251 for k in range(100))
+    try:
+        s.sendto(body + hashlib.sha256(body).digest()[:16], ("10.202.0.TO", 6001))
+    except OSError:
+        pass
+    t += gap
+    time.sleep(max(0, t - time.time()))
+"#
+        .replace("TO", &(to + 1).to_string())
+        .replace("RATE", &per_second.to_string())
+        .replace("COUNT", &(per_second * seconds).to_string());
+        let receiver = Command::new("ip")
+            .args(["netns", "exec", &self.ns[to], "python3", "-c", &receiver])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("receiver");
+        std::thread::sleep(Duration::from_millis(300));
+        let sender = Command::new("ip")
+            .args(["netns", "exec", &self.ns[from], "python3", "-c", &sender])
+            .spawn()
+            .expect("sender");
+        GapFlow {
+            sender: Some(sender),
+            receiver: Some(receiver),
+            sent: per_second * seconds,
+            start: Instant::now(),
+        }
+    }
+
     /// Counters from `wg show IFNAME transfer` on `side`: (rx, tx).
     pub fn transfer(&self, side: usize) -> (u64, u64) {
         let out = self.ns_exec(side, &format!("wg show {} transfer", self.ifname[side]));
@@ -381,4 +466,48 @@ pub fn needs(imp: Impl) -> Vec<&'static str> {
         Impl::Sitelink(_) => {}
     }
     n
+}
+
+/// A numbered UDP flow through a pair's tunnel (see [`Pair::start_gap_flow`]).
+pub struct GapFlow {
+    sender: Option<Child>,
+    receiver: Option<Child>,
+    /// Datagrams the sender sends in all.
+    pub sent: u32,
+    /// When the sender started.
+    pub start: Instant,
+}
+
+/// What a [`GapFlow`]'s receiver saw.
+#[derive(Debug)]
+pub struct GapReport {
+    pub sent: u32,
+    pub received: u32,
+    pub duplicates: u32,
+    pub corrupted: u32,
+    /// The longest run of consecutive datagrams that never arrived.
+    pub longest_loss: u32,
+}
+
+impl GapFlow {
+    /// Waits for the sender to finish and the receiver to give up waiting, and reports.
+    pub fn finish(mut self) -> GapReport {
+        let status = self.sender.take().expect("running").wait().expect("sender");
+        assert!(status.success(), "UDP sender failed");
+        let out = self.receiver.take().expect("running").wait_with_output().expect("receiver output");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Vec<u32> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        assert_eq!(v.len(), 4, "receiver said {text:?}");
+        GapReport { sent: self.sent, received: v[0], duplicates: v[1], corrupted: v[2], longest_loss: v[3] }
+    }
+}
+
+impl Drop for GapFlow {
+    fn drop(&mut self) {
+        // Only the processes started here, by their handles.
+        for mut child in [self.sender.take(), self.receiver.take()].into_iter().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
