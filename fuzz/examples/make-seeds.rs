@@ -50,6 +50,25 @@ fn main() {
     let mut v6 = vec![0x60, 0, 0, 0, 0, 0, 17, 64];
     v6.extend_from_slice(&[0xfd; 32]);
     write("ip_peek", "v6", &v6);
+    // A TCP/IPv4 super-packet of 3,000 payload bytes under a TSO header (gso_size 1,000).
+    let hdr = sitelink_frame::offload::VirtioNetHdr {
+        flags: 1,
+        gso_type: sitelink_frame::offload::VirtioNetHdr::GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: 1000,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    let mut tso = vec![0u8; 10];
+    hdr.write(&mut tso).expect("10 bytes");
+    let mut tcp = vec![0u8; 20 + 3000];
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x18;
+    let mut ip = vec![0u8; 20 + tcp.len()];
+    let n = sitelink_frame::ip::build_ipv4(&mut ip, [10, 0, 0, 1].into(), [10, 0, 0, 2].into(), 6, &tcp)
+        .expect("fits");
+    tso.extend_from_slice(&ip[..n]);
+    write("offload_segment", "tso-v4", &tso);
     let k = "e84b5a6d2717c1003a13b431570353dbaca9146cf150c5f8575680feba52027a";
     write(
         "uapi_set",

@@ -9,6 +9,8 @@
 //!   allocation. [`BufPool`] recycles them so that the steady state allocates nothing.
 //! * [`wire`] has typed zero-copy views of the four WireGuard message types.
 //! * [`ip`] peeks at the inner IPv4/IPv6 header of a decrypted packet.
+//! * [`offload`] splits TCP/UDP super-packets from a TUN device with offloads into segments,
+//!   with the Internet checksum and the virtio-net header.
 //!
 //! # Contract: no panics on input
 //! Every function that reads bytes from outside checks lengths once, up front, and returns a
@@ -19,6 +21,7 @@
 
 mod buf;
 pub mod ip;
+pub mod offload;
 pub mod wire;
 
 pub use buf::{BufPool, DEFAULT_HEADROOM, DEFAULT_TAILROOM, Datagram, PacketBuf};

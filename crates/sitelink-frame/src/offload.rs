@@ -1,0 +1,578 @@
+//! Segmentation offloads in safe code: the Internet checksum, the virtio-net header that a TUN
+//! device opened with `IFF_VNET_HDR` puts before every packet, and the splitting of a TCP or
+//! UDP super-packet (what the kernel hands over with TSO or USO on) into segments of at most
+//! the MTU, each with its own headers and full checksums.
+//!
+//! Nothing here trusts the header: `hdr_len`, `csum_start` and `csum_offset` are checked
+//! against the packet's own IP and transport headers, and every length is bounded before it
+//! is used, so that bad input is a typed [`OffloadError`], never a panic.
+
+use crate::buf::{BufPool, PacketBuf};
+use crate::ip::{IPV4_MIN_HEADER_LEN, IPV6_HEADER_LEN};
+
+/// Bytes of the virtio-net header (`struct virtio_net_hdr`, without the `num_buffers` field).
+pub const VIRTIO_NET_HDR_LEN: usize = 10;
+
+/// Most segments one super-packet may be split into (64 KiB at the smallest useful size).
+pub const MAX_SEGMENTS: usize = 128;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// Why a packet could not be segmented or its checksum finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OffloadError {
+    /// Shorter than its headers say.
+    #[error("packet truncated")]
+    Truncated,
+    /// Neither IPv4 nor IPv6, or IPv6 with extension headers before TCP/UDP.
+    #[error("unsupported network header")]
+    UnsupportedNetwork,
+    /// The transport protocol is not the one the GSO type names, or not TCP/UDP.
+    #[error("the transport protocol does not match the GSO type")]
+    ProtocolMismatch,
+    /// A GSO type this code does not split (ECN-marked, or unknown).
+    #[error("unsupported GSO type {0:#x}")]
+    UnsupportedGso(u8),
+    /// `gso_size` is zero, or the packet would split into more than [`MAX_SEGMENTS`].
+    #[error("bad segment size")]
+    BadSegmentSize,
+    /// A segment (headers and payload) would not fit a pooled buffer.
+    #[error("segment larger than a buffer")]
+    SegmentTooLarge,
+    /// `csum_start`/`csum_offset` point outside the packet.
+    #[error("checksum offsets outside the packet")]
+    BadChecksumOffsets,
+}
+
+/// The Internet checksum (RFC 1071), in pieces: a running sum, folded at the end.
+pub mod csum {
+    /// Adds `bytes` (big-endian 16-bit words; an odd last byte is padded with zero) to the
+    /// running sum `acc`. Eight bytes an iteration into a 64-bit accumulator, whose carries
+    /// [`fold`] puts back: fast, and no carry can be lost for any packet size.
+    #[inline]
+    pub fn add(mut acc: u64, bytes: &[u8]) -> u64 {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            acc += (w >> 32) + (w & 0xffff_ffff);
+        }
+        let rest = chunks.remainder();
+        let mut words = rest.chunks_exact(2);
+        for w in &mut words {
+            acc += u64::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+        if let [last] = words.remainder() {
+            acc += u64::from(*last) << 8;
+        }
+        acc
+    }
+
+    /// Folds a running sum to 16 bits (ones' complement addition of its 16-bit pieces).
+    #[inline]
+    pub fn fold(mut acc: u64) -> u16 {
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u16
+    }
+
+    /// The checksum to store: the complement of the folded sum.
+    #[inline]
+    pub fn finish(acc: u64) -> u16 {
+        !fold(acc)
+    }
+
+    /// The pseudo-header's sum for TCP/UDP: source and destination addresses (4 or 16 bytes
+    /// each), protocol, and the transport length.
+    pub fn pseudo_header(src: &[u8], dst: &[u8], protocol: u8, len: usize) -> u64 {
+        add(add(0, src), dst) + u64::from(protocol) + len as u64
+    }
+}
+
+/// What the virtio-net header says of a packet. Its fields are little-endian, as a TUN
+/// device gives them on a little-endian host (and when `TUNSETVNETLE` is set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VirtioNetHdr {
+    /// [`VirtioNetHdr::NEEDS_CSUM`], [`VirtioNetHdr::DATA_VALID`].
+    pub flags: u8,
+    /// [`VirtioNetHdr::GSO_NONE`], `GSO_TCPV4`, `GSO_TCPV6`, `GSO_UDP_L4`.
+    pub gso_type: u8,
+    /// Length of the headers (advisory; never trusted here).
+    pub hdr_len: u16,
+    /// Payload bytes per segment.
+    pub gso_size: u16,
+    /// Where the checksummed part starts (the transport header).
+    pub csum_start: u16,
+    /// Where in it the checksum field is.
+    pub csum_offset: u16,
+}
+
+impl VirtioNetHdr {
+    /// The transport checksum is partial (the pseudo-header's sum only): finish it.
+    pub const NEEDS_CSUM: u8 = 1;
+    /// The checksum was checked already.
+    pub const DATA_VALID: u8 = 2;
+    /// One packet, not a super-packet.
+    pub const GSO_NONE: u8 = 0;
+    /// TCP over IPv4.
+    pub const GSO_TCPV4: u8 = 1;
+    /// TCP over IPv6.
+    pub const GSO_TCPV6: u8 = 4;
+    /// UDP (USO), either IP version.
+    pub const GSO_UDP_L4: u8 = 5;
+    /// Flag on `gso_type`: the segments carry ECN CWR handling.
+    pub const GSO_ECN: u8 = 0x80;
+
+    /// Reads the header from the first [`VIRTIO_NET_HDR_LEN`] bytes.
+    pub fn parse(bytes: &[u8]) -> Result<VirtioNetHdr, OffloadError> {
+        let b = bytes.get(..VIRTIO_NET_HDR_LEN).ok_or(OffloadError::Truncated)?;
+        let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Ok(VirtioNetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        })
+    }
+
+    /// Writes the header into the first [`VIRTIO_NET_HDR_LEN`] bytes of `out`.
+    pub fn write(&self, out: &mut [u8]) -> Result<(), OffloadError> {
+        let b = out.get_mut(..VIRTIO_NET_HDR_LEN).ok_or(OffloadError::Truncated)?;
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        Ok(())
+    }
+}
+
+/// The headers of a TCP or UDP packet, found from the packet itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Headers {
+    v6: bool,
+    ip_len: usize,
+    protocol: u8,
+    l4_len: usize,
+    /// The packet's length by its IP header (the rest of the buffer is ignored).
+    total: usize,
+}
+
+impl Headers {
+    fn parse(p: &[u8]) -> Result<Headers, OffloadError> {
+        let first = *p.first().ok_or(OffloadError::Truncated)?;
+        let (v6, ip_len, protocol, total) = match first >> 4 {
+            4 => {
+                if p.len() < IPV4_MIN_HEADER_LEN {
+                    return Err(OffloadError::Truncated);
+                }
+                let ihl = usize::from(first & 0x0f) * 4;
+                let total = usize::from(u16::from_be_bytes([p[2], p[3]]));
+                if ihl < IPV4_MIN_HEADER_LEN || total < ihl {
+                    return Err(OffloadError::Truncated);
+                }
+                (false, ihl, p[9], total)
+            }
+            6 => {
+                if p.len() < IPV6_HEADER_LEN {
+                    return Err(OffloadError::Truncated);
+                }
+                let total = IPV6_HEADER_LEN + usize::from(u16::from_be_bytes([p[4], p[5]]));
+                (true, IPV6_HEADER_LEN, p[6], total)
+            }
+            _ => return Err(OffloadError::UnsupportedNetwork),
+        };
+        if total > p.len() {
+            return Err(OffloadError::Truncated);
+        }
+        let l4_len = match protocol {
+            TCP => {
+                let off = *p.get(ip_len + 12).ok_or(OffloadError::Truncated)?;
+                let len = usize::from(off >> 4) * 4;
+                if len < 20 {
+                    return Err(OffloadError::Truncated);
+                }
+                len
+            }
+            UDP => 8,
+            _ if v6 => return Err(OffloadError::UnsupportedNetwork),
+            _ => return Err(OffloadError::ProtocolMismatch),
+        };
+        if ip_len + l4_len > total {
+            return Err(OffloadError::Truncated);
+        }
+        Ok(Headers { v6, ip_len, protocol, l4_len, total })
+    }
+
+    fn addresses<'a>(&self, p: &'a [u8]) -> (&'a [u8], &'a [u8]) {
+        if self.v6 { (&p[8..24], &p[24..40]) } else { (&p[12..16], &p[16..20]) }
+    }
+
+    /// The transport checksum field's offset from the transport header.
+    fn csum_field(&self) -> usize {
+        if self.protocol == TCP { 16 } else { 6 }
+    }
+}
+
+/// Writes the full transport checksum of a TCP or UDP packet `p` (its IP length) in place.
+fn fill_l4_checksum(p: &mut [u8], h: &Headers) {
+    let field = h.ip_len + h.csum_field();
+    p[field..field + 2].fill(0);
+    let l4 = h.total - h.ip_len;
+    let (src, dst) = h.addresses(p);
+    let acc = csum::add(csum::pseudo_header(src, dst, h.protocol, l4), &p[h.ip_len..h.total]);
+    let mut sum = csum::finish(acc);
+    if sum == 0 && h.protocol == UDP {
+        sum = 0xffff; // zero would mean "no checksum"
+    }
+    p[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Rewrites an IPv4 header's checksum.
+fn fill_ipv4_checksum(p: &mut [u8], ihl: usize) {
+    p[10..12].fill(0);
+    let sum = csum::finish(csum::add(0, &p[..ihl]));
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Finishes a packet's transport checksum where the header says it is partial
+/// (`NEEDS_CSUM`), after checking that the offsets name the packet's own checksum field.
+pub fn finish_checksum(packet: &mut [u8], hdr: &VirtioNetHdr) -> Result<(), OffloadError> {
+    if hdr.flags & VirtioNetHdr::NEEDS_CSUM == 0 {
+        return Ok(());
+    }
+    let h = Headers::parse(packet)?;
+    if usize::from(hdr.csum_start) != h.ip_len || usize::from(hdr.csum_offset) != h.csum_field() {
+        return Err(OffloadError::BadChecksumOffsets);
+    }
+    fill_l4_checksum(&mut packet[..h.total], &h);
+    Ok(())
+}
+
+/// Splits the super-packet `packet` (the bytes after the virtio-net header) into segments of
+/// at most `hdr.gso_size` payload bytes, each in a buffer from `pool` pushed onto `out`, with
+/// its own IP header (length, IPv4 identification and checksum), TCP sequence number and
+/// flags (FIN and PSH on the last segment only, CWR on the first only) or UDP length, and a
+/// full transport checksum. A packet without GSO is copied as is, its checksum finished if
+/// partial. Returns the number of segments. On error `out` is left as it was.
+pub fn segment(
+    packet: &[u8],
+    hdr: &VirtioNetHdr,
+    pool: &mut BufPool,
+    out: &mut Vec<PacketBuf>,
+) -> Result<usize, OffloadError> {
+    let h = Headers::parse(packet)?;
+    let gso = hdr.gso_type & !VirtioNetHdr::GSO_ECN;
+    if hdr.gso_type & VirtioNetHdr::GSO_ECN != 0 {
+        return Err(OffloadError::UnsupportedGso(hdr.gso_type));
+    }
+    let expected = match gso {
+        VirtioNetHdr::GSO_NONE => None,
+        VirtioNetHdr::GSO_TCPV4 if !h.v6 => Some(TCP),
+        VirtioNetHdr::GSO_TCPV6 if h.v6 => Some(TCP),
+        VirtioNetHdr::GSO_UDP_L4 => Some(UDP),
+        VirtioNetHdr::GSO_TCPV4 | VirtioNetHdr::GSO_TCPV6 => return Err(OffloadError::ProtocolMismatch),
+        other => return Err(OffloadError::UnsupportedGso(other)),
+    };
+    let headers = h.ip_len + h.l4_len;
+    let payload = h.total - headers;
+    let Some(protocol) = expected.filter(|_| payload > usize::from(hdr.gso_size)) else {
+        // One packet: copied, its checksum finished if the kernel left it partial.
+        let mut buf = pool.get();
+        if buf.copy_from(&packet[..h.total]).is_err() {
+            pool.put(buf);
+            return Err(OffloadError::SegmentTooLarge);
+        }
+        if let Err(e) = finish_checksum(buf.data_mut(), hdr) {
+            pool.put(buf);
+            return Err(e);
+        }
+        out.push(buf);
+        return Ok(1);
+    };
+    if protocol != h.protocol {
+        return Err(OffloadError::ProtocolMismatch);
+    }
+    let size = usize::from(hdr.gso_size);
+    if size == 0 || payload.div_ceil(size) > MAX_SEGMENTS {
+        return Err(OffloadError::BadSegmentSize);
+    }
+    let count = payload.div_ceil(size);
+    let start = out.len();
+    let ip_id = u16::from_be_bytes([packet[4], packet[5]]);
+    let seq = u32::from_be_bytes(packet[h.ip_len + 4..h.ip_len + 8].try_into().expect("4 bytes"));
+    for i in 0..count {
+        let chunk = &packet[headers + i * size..headers + ((i + 1) * size).min(payload)];
+        let len = headers + chunk.len();
+        let mut buf = pool.get();
+        if buf.set_len(len).is_err() {
+            pool.put(buf);
+            for b in out.drain(start..) {
+                pool.put(b);
+            }
+            return Err(OffloadError::SegmentTooLarge);
+        }
+        let p = buf.data_mut();
+        p[..headers].copy_from_slice(&packet[..headers]);
+        p[headers..].copy_from_slice(chunk);
+        if h.v6 {
+            p[4..6].copy_from_slice(&((len - IPV6_HEADER_LEN) as u16).to_be_bytes());
+        } else {
+            p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&ip_id.wrapping_add(i as u16).to_be_bytes());
+            fill_ipv4_checksum(p, h.ip_len);
+        }
+        let l4 = h.ip_len;
+        if protocol == TCP {
+            let s = seq.wrapping_add((i * size) as u32);
+            p[l4 + 4..l4 + 8].copy_from_slice(&s.to_be_bytes());
+            const FIN: u8 = 0x01;
+            const PSH: u8 = 0x08;
+            const CWR: u8 = 0x80;
+            if i + 1 < count {
+                p[l4 + 13] &= !(FIN | PSH);
+            }
+            if i > 0 {
+                p[l4 + 13] &= !CWR;
+            }
+        } else {
+            p[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
+        }
+        let seg = Headers { total: len, ..h };
+        fill_l4_checksum(p, &seg);
+        out.push(buf);
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The checksum the plain way (RFC 1071's reference loop), to check the fast one by.
+    fn reference(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i + 1 < bytes.len() {
+            sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+            i += 2;
+        }
+        if i < bytes.len() {
+            sum += u32::from(bytes[i]) << 8;
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// Whether a packet's IPv4 header (if any) and transport checksums verify, by the
+    /// reference implementation.
+    fn verifies(p: &[u8]) -> bool {
+        let h = Headers::parse(p).expect("headers");
+        let ip_ok = h.v6 || reference(&p[..h.ip_len]) == 0;
+        let (src, dst) = h.addresses(p);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(src);
+        pseudo.extend_from_slice(dst);
+        let l4 = h.total - h.ip_len;
+        if h.v6 {
+            pseudo.extend_from_slice(&(l4 as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, h.protocol]);
+        } else {
+            pseudo.extend_from_slice(&[0, h.protocol]);
+            pseudo.extend_from_slice(&(l4 as u16).to_be_bytes());
+        }
+        pseudo.extend_from_slice(&p[h.ip_len..h.total]);
+        ip_ok && reference(&pseudo) == 0
+    }
+
+    /// A TCP or UDP super-packet: IPv4 or IPv6, `payload` bytes after a 20- or 32-byte TCP
+    /// header (with options) or the UDP header, checksums left partial as the kernel leaves
+    /// them (not that segmenting reads them).
+    fn super_packet(v6: bool, tcp: bool, options: bool, payload: &[u8], flags: u8) -> Vec<u8> {
+        let l4_len = if tcp { if options { 32 } else { 20 } } else { 8 };
+        let mut l4 = vec![0u8; l4_len];
+        l4[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        l4[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        if tcp {
+            l4[4..8].copy_from_slice(&0xfffff000u32.to_be_bytes()); // wraps while segmenting
+            l4[8..12].copy_from_slice(&77u32.to_be_bytes());
+            l4[12] = ((l4_len / 4) as u8) << 4;
+            l4[13] = flags;
+            l4[14..16].copy_from_slice(&512u16.to_be_bytes());
+            if options {
+                l4[20..32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+            }
+        } else {
+            l4[4..6].copy_from_slice(&(((8 + payload.len()) as u32) as u16).to_be_bytes());
+        }
+        l4.extend_from_slice(payload);
+        let mut out = vec![0u8; 40 + l4.len()];
+        let n = if v6 {
+            crate::ip::build_ipv6(
+                &mut out,
+                "fd00::1".parse().unwrap(),
+                "fd00::2".parse().unwrap(),
+                if tcp { 6 } else { 17 },
+                &l4,
+            )
+        } else {
+            crate::ip::build_ipv4(
+                &mut out,
+                [10, 0, 0, 1].into(),
+                [10, 0, 0, 2].into(),
+                if tcp { 6 } else { 17 },
+                &l4,
+            )
+        }
+        .unwrap();
+        out.truncate(n);
+        if !v6 {
+            out[4..6].copy_from_slice(&0xfff0u16.to_be_bytes()); // the IP ID wraps too
+            fill_ipv4_checksum(&mut out, 20);
+        }
+        out
+    }
+
+    fn gso(v6: bool, tcp: bool, size: u16) -> VirtioNetHdr {
+        let gso_type = match (tcp, v6) {
+            (true, false) => VirtioNetHdr::GSO_TCPV4,
+            (true, true) => VirtioNetHdr::GSO_TCPV6,
+            (false, _) => VirtioNetHdr::GSO_UDP_L4,
+        };
+        VirtioNetHdr {
+            flags: VirtioNetHdr::NEEDS_CSUM,
+            gso_type,
+            gso_size: size,
+            csum_start: if v6 { 40 } else { 20 },
+            csum_offset: if tcp { 16 } else { 6 },
+            ..Default::default()
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_fast_sum_is_the_reference_sum(bytes in proptest::collection::vec(any::<u8>(), 0..3000), split in 0usize..3000) {
+            prop_assert_eq!(csum::finish(csum::add(0, &bytes)), reference(&bytes));
+            // In two pieces, when the first is even (as headers then payload are).
+            let split = (split.min(bytes.len())) & !1;
+            prop_assert_eq!(csum::finish(csum::add(csum::add(0, &bytes[..split]), &bytes[split..])), reference(&bytes));
+        }
+
+        #[test]
+        fn segments_reassemble_the_super_packet_and_each_verifies(
+            v6 in any::<bool>(),
+            tcp in any::<bool>(),
+            options in any::<bool>(),
+            len in 1usize..20_000,
+            size in 500u16..1400,
+            fin_psh in any::<bool>(),
+            seed in any::<u8>(),
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+            let flags = 0x10 | 0x80 | if fin_psh { 0x09 } else { 0 };
+            let sp = super_packet(v6, tcp, options, &payload, flags);
+            let mut pool = BufPool::for_mtu(1500, 256);
+            let mut out = Vec::new();
+            let n = segment(&sp, &gso(v6, tcp, size), &mut pool, &mut out).unwrap();
+            prop_assert_eq!(n, out.len());
+            prop_assert_eq!(n, len.div_ceil(usize::from(size)).max(1));
+            let h = Headers::parse(&sp).unwrap();
+            let headers = h.ip_len + h.l4_len;
+            let mut joined = Vec::new();
+            for (i, seg) in out.iter().enumerate() {
+                let p = seg.data();
+                prop_assert!(verifies(p), "segment {} does not verify", i);
+                prop_assert!(p.len() - headers <= usize::from(size));
+                let sh = Headers::parse(p).unwrap();
+                prop_assert_eq!(sh.total, p.len());
+                if tcp {
+                    let seq = u32::from_be_bytes(p[h.ip_len + 4..h.ip_len + 8].try_into().unwrap());
+                    prop_assert_eq!(seq, 0xfffff000u32.wrapping_add(joined.len() as u32));
+                    let f = p[h.ip_len + 13];
+                    let last = i + 1 == n;
+                    prop_assert_eq!(f & 0x09 != 0, fin_psh && last, "FIN/PSH only on the last");
+                    prop_assert_eq!(f & 0x80 != 0, i == 0, "CWR only on the first");
+                    prop_assert_eq!(&p[h.ip_len + 20..headers], &sp[h.ip_len + 20..headers], "options kept");
+                }
+                if !v6 {
+                    prop_assert_eq!(u16::from_be_bytes([p[4], p[5]]), 0xfff0u16.wrapping_add(i as u16));
+                }
+                joined.extend_from_slice(&p[headers..]);
+            }
+            prop_assert_eq!(joined, payload);
+        }
+    }
+
+    #[test]
+    fn a_single_packet_gets_its_partial_checksum_finished() {
+        let sp = super_packet(false, true, false, b"hello", 0x18);
+        let mut pool = BufPool::for_mtu(1500, 8);
+        let mut out = Vec::new();
+        let hdr = VirtioNetHdr {
+            flags: VirtioNetHdr::NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        assert_eq!(segment(&sp, &hdr, &mut pool, &mut out), Ok(1));
+        assert!(verifies(out[0].data()));
+        // Offsets that do not name the packet's own checksum field are refused.
+        let bad = VirtioNetHdr { csum_offset: 40, ..hdr };
+        assert_eq!(segment(&sp, &bad, &mut pool, &mut out), Err(OffloadError::BadChecksumOffsets));
+    }
+
+    #[test]
+    fn bad_headers_are_errors_not_panics() {
+        let mut pool = BufPool::for_mtu(1500, 8);
+        let mut out = Vec::new();
+        let sp = super_packet(false, true, false, &[7; 3000], 0x10);
+        let tcp4 = gso(false, true, 1000);
+        assert_eq!(segment(&sp[..30], &tcp4, &mut pool, &mut out), Err(OffloadError::Truncated));
+        assert_eq!(
+            segment(&sp, &VirtioNetHdr { gso_size: 0, ..tcp4 }, &mut pool, &mut out),
+            Err(OffloadError::BadSegmentSize)
+        );
+        assert_eq!(
+            segment(&sp, &gso(true, true, 1000), &mut pool, &mut out),
+            Err(OffloadError::ProtocolMismatch)
+        );
+        assert_eq!(
+            segment(&sp, &gso(false, false, 1000), &mut pool, &mut out),
+            Err(OffloadError::ProtocolMismatch)
+        );
+        assert_eq!(
+            segment(&sp, &VirtioNetHdr { gso_type: 0x81, ..tcp4 }, &mut pool, &mut out),
+            Err(OffloadError::UnsupportedGso(0x81))
+        );
+        assert_eq!(
+            segment(&sp, &VirtioNetHdr { gso_size: 20, ..tcp4 }, &mut pool, &mut out),
+            Err(OffloadError::BadSegmentSize)
+        );
+        let mut small = BufPool::new(600, 16, 8);
+        assert_eq!(
+            segment(&sp, &gso(false, true, 1400), &mut small, &mut out),
+            Err(OffloadError::SegmentTooLarge)
+        );
+        assert!(out.is_empty());
+        assert_eq!(VirtioNetHdr::parse(&[0; 9]), Err(OffloadError::Truncated));
+        let h = VirtioNetHdr {
+            flags: 1,
+            gso_type: 4,
+            hdr_len: 74,
+            gso_size: 1388,
+            csum_start: 40,
+            csum_offset: 16,
+        };
+        let mut b = [0u8; 10];
+        h.write(&mut b).unwrap();
+        assert_eq!(VirtioNetHdr::parse(&b), Ok(h));
+    }
+}
