@@ -350,6 +350,147 @@ pub fn segment(
     Ok(count)
 }
 
+/// TCP flags that end or forbid a merge: FIN, SYN, RST, URG, ECE, CWR (ACK and PSH may merge;
+/// PSH only as the last of a run).
+const TCP_FLAGS_UNMERGEABLE: u8 = 0x01 | 0x02 | 0x04 | 0x20 | 0x40 | 0x80;
+const TCP_PSH: u8 = 0x08;
+
+/// How many of `segments`, from the first, merge into one TCP super-packet of at most
+/// `max_len` bytes for a write with GSO: the same flow and IP header fields (TOS/traffic class,
+/// TTL/hop limit, no IPv4 options), contiguous sequence numbers, the same acknowledgment,
+/// window and options, only ACK (and PSH on the last) set, payloads of one size but a shorter
+/// last one, and every segment's checksums verified. 1 when the first merges with nothing
+/// (write it as it is), 0 when `segments` is empty.
+pub fn tcp_run_len(segments: &[PacketBuf], max_len: usize) -> usize {
+    let Some(first) = segments.first() else { return 0 };
+    let Some(h0) = mergeable_tcp(first.data()) else { return 1 };
+    let p0 = first.data();
+    let headers = h0.ip_len + h0.l4_len;
+    let size = h0.total - headers;
+    if size == 0 || p0[h0.ip_len + 13] & TCP_PSH != 0 {
+        return 1;
+    }
+    let mut next_seq = tcp_seq(p0, &h0).wrapping_add(size as u32);
+    let mut len = h0.total;
+    let mut n = 1;
+    for seg in &segments[1..] {
+        let p = seg.data();
+        let Some(h) = mergeable_tcp(p) else { break };
+        let payload = h.total - headers;
+        if h.ip_len != h0.ip_len
+            || h.l4_len != h0.l4_len
+            || payload == 0
+            || payload > size
+            || len + payload > max_len
+            || n == MAX_SEGMENTS
+            || tcp_seq(p, &h) != next_seq
+            || !same_flow_and_fields(p0, p, &h0)
+        {
+            break;
+        }
+        len += payload;
+        n += 1;
+        next_seq = next_seq.wrapping_add(payload as u32);
+        // A short segment or PSH ends the run.
+        if payload < size || p[h.ip_len + 13] & TCP_PSH != 0 {
+            break;
+        }
+    }
+    n
+}
+
+/// Writes the super-packet of the run `segments` (found by [`tcp_run_len`]) into `out`:
+/// the first segment's headers with the whole length (and a fresh IPv4 header checksum), the
+/// last segment's flags, every payload in order, and the TCP checksum left partial (the
+/// pseudo-header's sum) for the kernel to finish per segment. Returns the length written and
+/// the virtio-net header to write before it.
+pub fn coalesce_tcp(segments: &[PacketBuf], out: &mut [u8]) -> Result<(usize, VirtioNetHdr), OffloadError> {
+    let first = segments.first().ok_or(OffloadError::Truncated)?.data();
+    let h0 = Headers::parse(first)?;
+    if h0.protocol != TCP {
+        return Err(OffloadError::ProtocolMismatch);
+    }
+    let headers = h0.ip_len + h0.l4_len;
+    let total: usize = headers + segments.iter().map(|s| s.len().saturating_sub(headers)).sum::<usize>();
+    if total > out.len() || total - h0.ip_len > usize::from(u16::MAX) {
+        return Err(OffloadError::SegmentTooLarge);
+    }
+    out[..headers].copy_from_slice(&first[..headers]);
+    let mut at = headers;
+    for s in segments {
+        let payload = s.data().get(headers..).ok_or(OffloadError::Truncated)?;
+        out[at..at + payload.len()].copy_from_slice(payload);
+        at += payload.len();
+    }
+    let last = segments[segments.len() - 1].data();
+    out[h0.ip_len + 13] = last[h0.ip_len + 13];
+    if h0.v6 {
+        out[4..6].copy_from_slice(&((total - IPV6_HEADER_LEN) as u16).to_be_bytes());
+    } else {
+        out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        fill_ipv4_checksum(out, h0.ip_len);
+    }
+    let (src, dst) = h0.addresses(out);
+    let partial = csum::fold(csum::pseudo_header(src, dst, TCP, total - h0.ip_len));
+    out[h0.ip_len + 16..h0.ip_len + 18].copy_from_slice(&partial.to_be_bytes());
+    let gso_size = first.len() - headers;
+    let hdr = VirtioNetHdr {
+        flags: VirtioNetHdr::NEEDS_CSUM,
+        gso_type: if segments.len() > 1 {
+            if h0.v6 { VirtioNetHdr::GSO_TCPV6 } else { VirtioNetHdr::GSO_TCPV4 }
+        } else {
+            VirtioNetHdr::GSO_NONE
+        },
+        hdr_len: headers as u16,
+        gso_size: gso_size as u16,
+        csum_start: h0.ip_len as u16,
+        csum_offset: 16,
+    };
+    Ok((total, hdr))
+}
+
+/// The headers of `p` if it is a TCP segment that may join a run: no IPv4 options, only ACK
+/// or PSH among the flags, and checksums that verify.
+fn mergeable_tcp(p: &[u8]) -> Option<Headers> {
+    let h = Headers::parse(p).ok()?;
+    if h.protocol != TCP || (!h.v6 && h.ip_len != IPV4_MIN_HEADER_LEN) || h.total != p.len() {
+        return None;
+    }
+    if p[h.ip_len + 13] & TCP_FLAGS_UNMERGEABLE != 0 {
+        return None;
+    }
+    if !h.v6 && csum::finish(csum::add(0, &p[..h.ip_len])) != 0 {
+        return None;
+    }
+    let (src, dst) = h.addresses(p);
+    let l4 = h.total - h.ip_len;
+    let acc = csum::add(csum::pseudo_header(src, dst, TCP, l4), &p[h.ip_len..h.total]);
+    (csum::finish(acc) == 0).then_some(h)
+}
+
+fn tcp_seq(p: &[u8], h: &Headers) -> u32 {
+    u32::from_be_bytes(p[h.ip_len + 4..h.ip_len + 8].try_into().expect("4 bytes"))
+}
+
+/// Whether `p` belongs to `p0`'s flow with the same IP fields, acknowledgment, window and
+/// options (headers of equal lengths already checked).
+fn same_flow_and_fields(p0: &[u8], p: &[u8], h: &Headers) -> bool {
+    let l4 = h.ip_len;
+    let ip_same = if h.v6 {
+        // Version, traffic class, flow label; next header, hop limit; addresses.
+        p0[..4] == p[..4] && p0[6..40] == p[6..40]
+    } else {
+        // Version/IHL and TOS; flags/fragment; TTL and protocol; addresses.
+        p0[..2] == p[..2] && p0[6..10] == p[6..10] && p0[12..20] == p[12..20]
+    };
+    ip_same
+        && p0[l4..l4 + 4] == p[l4..l4 + 4] // ports
+        && p0[l4 + 8..l4 + 12] == p[l4 + 8..l4 + 12] // acknowledgment
+        && p0[l4 + 12] == p[l4 + 12] // data offset
+        && p0[l4 + 14..l4 + 16] == p[l4 + 14..l4 + 16] // window
+        && p0[l4 + 18..l4 + h.l4_len] == p[l4 + 18..l4 + h.l4_len] // urgent pointer, options
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +650,67 @@ mod tests {
             }
             prop_assert_eq!(joined, payload);
         }
+    }
+
+    proptest! {
+        #[test]
+        fn split_then_coalesce_then_split_gives_the_same_segments(
+            v6 in any::<bool>(),
+            options in any::<bool>(),
+            len in 1usize..30_000,
+            size in 500u16..1400,
+            psh in any::<bool>(),
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let sp = super_packet(v6, true, options, &payload, 0x10 | if psh { 0x08 } else { 0 });
+            let mut pool = BufPool::for_mtu(1500, 256);
+            let mut segs = Vec::new();
+            segment(&sp, &gso(v6, true, size), &mut pool, &mut segs).unwrap();
+            let n = tcp_run_len(&segs, 65_535);
+            prop_assert_eq!(n, segs.len(), "every segment of one super-packet merges");
+            let mut merged = vec![0u8; 70_000];
+            let (total, hdr) = coalesce_tcp(&segs, &mut merged).unwrap();
+            prop_assert_eq!(total, sp.len());
+            let mut again = Vec::new();
+            segment(&merged[..total], &hdr, &mut pool, &mut again).unwrap();
+            prop_assert_eq!(again.len(), segs.len());
+            for (a, b) in again.iter().zip(&segs) {
+                prop_assert_eq!(a.data(), b.data());
+            }
+        }
+    }
+
+    #[test]
+    fn runs_stop_where_a_merge_would_be_wrong() {
+        let mut pool = BufPool::for_mtu(1500, 256);
+        let sp = super_packet(false, true, false, &[5; 4000], 0x10);
+        let mut segs = Vec::new();
+        segment(&sp, &gso(false, true, 1000), &mut pool, &mut segs).unwrap();
+        assert_eq!(tcp_run_len(&segs, 65_535), 4);
+        assert_eq!(tcp_run_len(&segs, 2_100), 2, "the size limit");
+        assert_eq!(tcp_run_len(&segs[..0], 65_535), 0);
+        // A gap in the sequence.
+        let gap = [segs[0].data(), segs[2].data()].map(PacketBuf::from_slice);
+        assert_eq!(tcp_run_len(&gap, 65_535), 1);
+        // A bad checksum.
+        let mut bad = [segs[0].data(), segs[1].data()].map(PacketBuf::from_slice);
+        bad[1].data_mut()[45] ^= 1;
+        assert_eq!(tcp_run_len(&bad, 65_535), 1);
+        // Another acknowledgment number (checksum fixed, so only the field differs).
+        let mut ack = [segs[0].data(), segs[1].data()].map(PacketBuf::from_slice);
+        ack[1].data_mut()[28] ^= 1;
+        let h = Headers::parse(ack[1].data()).unwrap();
+        fill_l4_checksum(ack[1].data_mut(), &h);
+        assert_eq!(tcp_run_len(&ack, 65_535), 1);
+        // FIN on the first, or a SYN.
+        let mut fin = [segs[0].data(), segs[1].data()].map(PacketBuf::from_slice);
+        fin[0].data_mut()[33] |= 0x01;
+        let h = Headers::parse(fin[0].data()).unwrap();
+        fill_l4_checksum(fin[0].data_mut(), &h);
+        assert_eq!(tcp_run_len(&fin, 65_535), 1);
+        // UDP never merges here.
+        let udp = super_packet(false, false, false, &[1; 100], 0);
+        assert_eq!(tcp_run_len(&[PacketBuf::from_slice(&udp)], 65_535), 1);
     }
 
     #[test]
