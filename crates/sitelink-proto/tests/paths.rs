@@ -252,9 +252,24 @@ fn an_unprobed_peer_is_judged_by_its_own_packets_and_followed_to_the_next_endpoi
     eprintln!("unprobed failover: {lost} ms lost");
 }
 
-/// A single endpoint is plain WireGuard: no path state, no probes, roaming as before.
+/// A single endpoint is plain WireGuard: no path state, no probes, roaming as before; so is
+/// one endpoint listed twice.
 #[test]
 fn one_endpoint_is_plain_wireguard() {
+    let mut net = Net::pair(49);
+    let mut pc = sitelink_proto::PeerConfig::new(node_key(1).public_key());
+    pc.endpoint = Some(net.nodes[1].addr);
+    pc.fallback_endpoints = vec![net.nodes[1].addr];
+    pc.allowed_ips = vec![sitelink_proto::IpNet::new(net.nodes[1].inner.into(), 32).unwrap()];
+    let now = net.now;
+    net.nodes[0].dev.upsert_peer(now, pc).unwrap();
+    net.send(0, 1, b"x");
+    net.move_node(1, "192.0.2.99:4000".parse().unwrap());
+    net.send(1, 0, b"roamed");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(endpoint(&net, 0, 1), "192.0.2.99:4000".parse().unwrap(), "roams as plain WireGuard");
+    assert!(net.nodes[0].dev.peer(peer_of(&net, 0, 1)).unwrap().paths().is_empty());
+
     let mut net = Net::pair(48);
     net.send(0, 1, b"x");
     net.run_for(Duration::from_secs(2));

@@ -167,8 +167,9 @@ impl Device {
     /// is no longer listed (or nothing was in use).
     pub(super) fn set_paths(&mut self, now: Instant, pid: PeerId, endpoints: &[SocketAddr], probe: bool) {
         let peer = self.peer_mut(pid);
-        if endpoints.len() < 2 {
-            // One endpoint: plain WireGuard, no paths to watch.
+        let distinct = endpoints.iter().enumerate().filter(|(i, ep)| !endpoints[..*i].contains(ep)).count();
+        if distinct < 2 {
+            // One endpoint (perhaps listed twice): plain WireGuard, no paths to watch.
             peer.paths = Paths::default();
             if let Some(&ep) = endpoints.first() {
                 self.move_endpoint(pid, ep);
