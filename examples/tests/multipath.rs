@@ -84,7 +84,7 @@ fn two_sitelinkds_fail_over_within_a_second_each_way() {
 
     // 13 s of flow: path 0 dies at 3 s and returns at 6 s; path 1, which carries the traffic
     // until path 0 has held up for 3 s, dies at 7.5 s and returns at 10 s.
-    let flow = pair.start_gap_flow(0, 1000, 13);
+    let flow = pair.start_gap_flow(0, 1000, 13_000);
     let at = |s: f64, start: std::time::Instant| {
         let due = start + Duration::from_secs_f64(s);
         std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
@@ -151,7 +151,7 @@ fn sitelinkd_follows_wireguard_go_to_its_second_address_within_three_seconds() {
 
     // wireguard-go sends the flow (sitelinkd judges the path by its packets); path 0 dies at
     // its end at 3 s.
-    let flow = pair.start_gap_flow(1, 1000, 9);
+    let flow = pair.start_gap_flow(1, 1000, 9_000);
     std::thread::sleep(
         (flow.start + Duration::from_secs(3)).saturating_duration_since(std::time::Instant::now()),
     );

@@ -57,10 +57,10 @@ fn parse_udp(p: &[u8]) -> Option<(UdpAddr, UdpAddr, &[u8])> {
 /// Registers the link's readiness descriptor with tokio's reactor.
 fn watch(queues: PacketQueues) -> std::io::Result<AsyncFd<PacketQueues>> {
     // tokio deprecates `AsyncFd::new` for types whose descriptor might change or close while
-    // registered, and offers an `unsafe` registration instead; sitelink keeps `unsafe` in
-    // sitelink-io. `PacketQueues` owns its eventfd, returns the same one from every
-    // `as_raw_fd`, and closes it only when dropped, which the `AsyncFd` that owns it does
-    // after deregistering: the condition tokio asks for holds.
+    // registered, in favour of `AsyncFd::register`, whose caller must vouch for that; this
+    // project keeps such code in sitelink-io. `PacketQueues` owns its eventfd, returns the
+    // same one from every `as_raw_fd`, and closes it only when dropped, which the `AsyncFd`
+    // that owns it does after deregistering: the condition tokio asks for holds.
     #[allow(deprecated)]
     AsyncFd::new(queues)
 }

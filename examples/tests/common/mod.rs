@@ -206,59 +206,8 @@ impl Pair {
     /// Sends `count` numbered, checksummed UDP datagrams from `from` to the other side at about
     /// `per_second`, and returns what the receiver saw: (received, duplicates, corrupted).
     pub fn udp_stream_checked(&self, from: usize, count: u32, per_second: u32) -> (u32, u32, u32) {
-        let to = 1 - from;
-        let receiver = r#"
-import socket, hashlib
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("10.202.0.TO", 6000))
-s.settimeout(3)
-seen = set(); dup = 0; bad = 0
-while True:
-    try:
-        d = s.recv(2048)
-    except socket.timeout:
-        break
-    body = d[:-16]
-    if hashlib.sha256(body).digest()[:16] != d[-16:]:
-        bad += 1
-        continue
-    seq = int.from_bytes(body[:8], "big")
-    if seq in seen:
-        dup += 1
-    seen.add(seq)
-print(len(seen), dup, bad)
-"#
-        .replace("TO", &(to + 1).to_string());
-        let sender = r#"
-import socket, hashlib, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-gap = 1.0 / RATE
-t = time.time()
-for i in range(COUNT):
-    body = i.to_bytes(8, "big") + bytes((i * 31 + k) % 251 for k in range(200))
-    s.sendto(body + hashlib.sha256(body).digest()[:16], ("10.202.0.TO", 6000))
-    t += gap
-    time.sleep(max(0, t - time.time()))
-"#
-        .replace("TO", &(to + 1).to_string())
-        .replace("RATE", &per_second.to_string())
-        .replace("COUNT", &count.to_string());
-        let rx = Command::new("ip")
-            .args(["netns", "exec", &self.ns[to], "python3", "-c", &receiver])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("receiver");
-        std::thread::sleep(Duration::from_millis(300));
-        let status = Command::new("ip")
-            .args(["netns", "exec", &self.ns[from], "python3", "-c", &sender])
-            .status()
-            .expect("sender");
-        assert!(status.success(), "UDP sender failed");
-        let out = rx.wait_with_output().expect("receiver output");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let v: Vec<u32> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-        assert_eq!(v.len(), 3, "receiver said {text:?}");
-        (v[0], v[1], v[2])
+        let r = self.start_gap_flow(from, per_second, count).finish();
+        (r.received, r.duplicates, r.corrupted)
     }
 
     /// A second underlay path: another veth pair between the namespaces, 10.203.0.1 (A) and
@@ -277,9 +226,9 @@ for i in range(COUNT):
         ends
     }
 
-    /// Starts a flow of numbered, checksummed UDP datagrams, `per_second` for `seconds`, from
-    /// `from` to the other side through the tunnel. [`GapFlow::finish`] tells what arrived.
-    pub fn start_gap_flow(&self, from: usize, per_second: u32, seconds: u32) -> GapFlow {
+    /// Starts a flow of `count` numbered, checksummed UDP datagrams, `per_second`, from `from`
+    /// to the other side through the tunnel. [`GapFlow::finish`] tells what arrived.
+    pub fn start_gap_flow(&self, from: usize, per_second: u32, count: u32) -> GapFlow {
         let to = 1 - from;
         let receiver = r#"
 import socket, hashlib
@@ -317,7 +266,7 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 gap = 1.0 / RATE
 t = time.time()
 for i in range(COUNT):
-    body = i.to_bytes(8, "big") + bytes((i * 31 + k) % 251 for k in range(100))
+    body = i.to_bytes(8, "big") + bytes((i * 31 + k) % 251 for k in range(200))
     try:
         s.sendto(body + hashlib.sha256(body).digest()[:16], ("10.202.0.TO", 6001))
     except OSError:
@@ -327,7 +276,7 @@ for i in range(COUNT):
 "#
         .replace("TO", &(to + 1).to_string())
         .replace("RATE", &per_second.to_string())
-        .replace("COUNT", &(per_second * seconds).to_string());
+        .replace("COUNT", &count.to_string());
         let receiver = Command::new("ip")
             .args(["netns", "exec", &self.ns[to], "python3", "-c", &receiver])
             .stdout(Stdio::piped())
@@ -338,12 +287,7 @@ for i in range(COUNT):
             .args(["netns", "exec", &self.ns[from], "python3", "-c", &sender])
             .spawn()
             .expect("sender");
-        GapFlow {
-            sender: Some(sender),
-            receiver: Some(receiver),
-            sent: per_second * seconds,
-            start: Instant::now(),
-        }
+        GapFlow { sender: Some(sender), receiver: Some(receiver), sent: count, start: Instant::now() }
     }
 
     /// Counters from `wg show IFNAME transfer` on `side`: (rx, tx).
