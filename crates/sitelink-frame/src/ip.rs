@@ -137,11 +137,8 @@ pub fn build_ipv4(
     h[9] = protocol;
     h[12..16].copy_from_slice(&src.octets());
     h[16..20].copy_from_slice(&dst.octets());
-    let mut sum: u32 = h.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let sum = crate::offload::csum::finish(crate::offload::csum::add(0, h));
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
     out[IPV4_MIN_HEADER_LEN..total].copy_from_slice(payload);
     Some(total)
 }

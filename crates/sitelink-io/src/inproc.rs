@@ -310,7 +310,13 @@ impl PacketQueues {
 
     /// The counters.
     pub fn stats(&self) -> InProcessStats {
-        let s = &self.shared;
+        self.shared.stats()
+    }
+}
+
+impl Shared {
+    fn stats(&self) -> InProcessStats {
+        let s = self;
         InProcessStats {
             sent: s.sent.load(Ordering::Relaxed),
             taken_per_worker: s.taken.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
@@ -450,7 +456,7 @@ impl InProcessSide {
 
     /// The counters.
     pub fn stats(&self) -> InProcessStats {
-        PacketQueues { shared: Arc::clone(&self.shared) }.stats()
+        self.shared.stats()
     }
 }
 

@@ -90,7 +90,7 @@ pub struct PathStats {
     pub endpoint: SocketAddr,
     /// Whether authenticated packets arrive on it.
     pub alive: bool,
-    /// Whether traffic uses it now.
+    /// Whether traffic uses it now (filled in when the statistics are taken).
     pub active: bool,
     /// When the last authenticated packet came from it. (No round-trip time: a WireGuard
     /// keepalive has no answer to time.)
@@ -133,16 +133,13 @@ impl Paths {
         self.list.iter().position(|p| p.stats.endpoint == addr)
     }
 
-    fn mark_active(&mut self, active: Option<usize>) {
-        self.active = active;
-        for (i, p) in self.list.iter_mut().enumerate() {
-            p.stats.active = Some(i) == active;
-        }
-    }
-
-    /// The paths' statistics.
+    /// The paths' statistics (`active` derived from the active index, the one place kept).
     pub(crate) fn stats(&self) -> Vec<PathStats> {
-        self.list.iter().map(|p| p.stats.clone()).collect()
+        self.list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PathStats { active: Some(i) == self.active, ..p.stats.clone() })
+            .collect()
     }
 }
 
@@ -197,11 +194,11 @@ impl Device {
             }));
         }
         if peer.paths.list.is_empty() {
-            peer.paths.mark_active(None);
+            peer.paths.active = None;
             return;
         }
         let target = peer.endpoint.and_then(|ep| peer.paths.index_of(ep)).unwrap_or(0);
-        peer.paths.mark_active(Some(target));
+        peer.paths.active = Some(target);
         let endpoint = peer.paths.list[target].stats.endpoint;
         self.move_endpoint(pid, endpoint);
         self.arm_path_probe(now, pid);
@@ -216,7 +213,7 @@ impl Device {
         }
         let Some(i) = paths.index_of(addr) else {
             // Roaming to an address not configured: plain WireGuard's rule.
-            paths.mark_active(None);
+            paths.active = None;
             return false;
         };
         let path = &mut paths.list[i];
@@ -300,7 +297,7 @@ impl Device {
         };
         let from = peer.endpoint;
         let to = peer.paths.list[next].stats.endpoint;
-        peer.paths.mark_active(Some(next));
+        peer.paths.active = Some(next);
         peer.paths.switched_at = Some(now);
         peer.paths.list[next].stats.switches_to += 1;
         let unprobed = !peer.paths.probe;
