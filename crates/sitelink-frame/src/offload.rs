@@ -266,6 +266,16 @@ pub fn segment(
     pool: &mut BufPool,
     out: &mut Vec<PacketBuf>,
 ) -> Result<usize, OffloadError> {
+    if hdr.gso_type == VirtioNetHdr::GSO_NONE && hdr.flags & VirtioNetHdr::NEEDS_CSUM == 0 {
+        // One whole packet of any protocol (ICMP, a fragment, ...): copied as it is.
+        let mut buf = pool.get();
+        if buf.copy_from(packet).is_err() {
+            pool.put(buf);
+            return Err(OffloadError::SegmentTooLarge);
+        }
+        out.push(buf);
+        return Ok(1);
+    }
     let h = Headers::parse(packet)?;
     let gso = hdr.gso_type & !VirtioNetHdr::GSO_ECN;
     if hdr.gso_type & VirtioNetHdr::GSO_ECN != 0 {
@@ -422,8 +432,55 @@ pub fn coalesce_tcp(segments: &[PacketBuf], out: &mut [u8]) -> Result<(usize, Vi
         out[at..at + payload.len()].copy_from_slice(payload);
         at += payload.len();
     }
-    let last = segments[segments.len() - 1].data();
-    out[h0.ip_len + 13] = last[h0.ip_len + 13];
+    let last_flags = segments[segments.len() - 1].data()[h0.ip_len + 13];
+    let hdr =
+        super_headers(&mut out[..headers], &h0, total, last_flags, first.len() - headers, segments.len());
+    Ok((total, hdr))
+}
+
+/// Turns the run `segments` (found by [`tcp_run_len`]) into one super-packet without copying
+/// a payload: the first segment's headers are rewritten in place as [`coalesce_tcp`] writes
+/// them, so that the first segment's data followed by every other segment's data from the
+/// returned offset (their headers skipped) is the super-packet, for one gathered write.
+/// Returns the virtio-net header to write before it and that offset.
+pub fn coalesce_tcp_in_place(segments: &mut [PacketBuf]) -> Result<(VirtioNetHdr, usize), OffloadError> {
+    if segments.is_empty() {
+        return Err(OffloadError::Truncated);
+    }
+    let first = segments[0].data();
+    let h0 = Headers::parse(first)?;
+    if h0.protocol != TCP || h0.total != first.len() {
+        return Err(OffloadError::ProtocolMismatch);
+    }
+    let headers = h0.ip_len + h0.l4_len;
+    let mut total = first.len();
+    for s in &segments[1..] {
+        total += s.len().checked_sub(headers).ok_or(OffloadError::Truncated)?;
+    }
+    if total - h0.ip_len > usize::from(u16::MAX) || (!h0.v6 && total > usize::from(u16::MAX)) {
+        return Err(OffloadError::SegmentTooLarge);
+    }
+    let last_flags =
+        *segments[segments.len() - 1].data().get(h0.ip_len + 13).ok_or(OffloadError::Truncated)?;
+    let gso_size = first.len() - headers;
+    let count = segments.len();
+    let hdr = super_headers(&mut segments[0].data_mut()[..headers], &h0, total, last_flags, gso_size, count);
+    Ok((hdr, headers))
+}
+
+/// Rewrites `out` (the first segment's IP and TCP headers) as the headers of a super-packet
+/// of `total` bytes made of `count` segments: the whole length (and a fresh IPv4 header
+/// checksum), the last segment's flags, and the TCP checksum left partial (the
+/// pseudo-header's sum) for the kernel to finish per segment. Returns the virtio-net header.
+fn super_headers(
+    out: &mut [u8],
+    h0: &Headers,
+    total: usize,
+    last_flags: u8,
+    gso_size: usize,
+    count: usize,
+) -> VirtioNetHdr {
+    out[h0.ip_len + 13] = last_flags;
     if h0.v6 {
         out[4..6].copy_from_slice(&((total - IPV6_HEADER_LEN) as u16).to_be_bytes());
     } else {
@@ -433,20 +490,18 @@ pub fn coalesce_tcp(segments: &[PacketBuf], out: &mut [u8]) -> Result<(usize, Vi
     let (src, dst) = h0.addresses(out);
     let partial = csum::fold(csum::pseudo_header(src, dst, TCP, total - h0.ip_len));
     out[h0.ip_len + 16..h0.ip_len + 18].copy_from_slice(&partial.to_be_bytes());
-    let gso_size = first.len() - headers;
-    let hdr = VirtioNetHdr {
+    VirtioNetHdr {
         flags: VirtioNetHdr::NEEDS_CSUM,
-        gso_type: if segments.len() > 1 {
+        gso_type: if count > 1 {
             if h0.v6 { VirtioNetHdr::GSO_TCPV6 } else { VirtioNetHdr::GSO_TCPV4 }
         } else {
             VirtioNetHdr::GSO_NONE
         },
-        hdr_len: headers as u16,
+        hdr_len: (h0.ip_len + h0.l4_len) as u16,
         gso_size: gso_size as u16,
         csum_start: h0.ip_len as u16,
         csum_offset: 16,
-    };
-    Ok((total, hdr))
+    }
 }
 
 /// The headers of `p` if it is a TCP segment that may join a run: no IPv4 options, only ACK
@@ -677,7 +732,31 @@ mod tests {
             for (a, b) in again.iter().zip(&segs) {
                 prop_assert_eq!(a.data(), b.data());
             }
+            // In place: the first segment's rewritten headers, then every payload, is the
+            // same super-packet, with the same virtio-net header.
+            let (hdr_in_place, skip) = coalesce_tcp_in_place(&mut segs).unwrap();
+            prop_assert_eq!(hdr_in_place, hdr);
+            let mut gathered = segs[0].data().to_vec();
+            for s in &segs[1..] {
+                gathered.extend_from_slice(&s.data()[skip..]);
+            }
+            prop_assert_eq!(&gathered[..], &merged[..total]);
         }
+    }
+
+    #[test]
+    fn a_whole_packet_of_any_protocol_is_copied_as_it_is() {
+        let mut pool = BufPool::for_mtu(1500, 8);
+        let mut out = Vec::new();
+        let mut icmp = vec![0u8; 84];
+        let n = crate::ip::build_ipv4(&mut icmp, [10, 0, 0, 1].into(), [10, 0, 0, 2].into(), 1, &[8; 64])
+            .unwrap();
+        assert_eq!(segment(&icmp[..n], &VirtioNetHdr::default(), &mut pool, &mut out), Ok(1));
+        assert_eq!(out[0].data(), &icmp[..n]);
+        // With a partial checksum to finish, it must be TCP or UDP.
+        let partial = VirtioNetHdr { flags: VirtioNetHdr::NEEDS_CSUM, ..Default::default() };
+        assert!(segment(&icmp[..n], &partial, &mut pool, &mut out).is_err());
+        assert_eq!(out.len(), 1);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::socket::UdpSocket;
 use crate::stats::IoStats;
 use crate::sys::{self, GSO_MAX_SEGMENTS, MsgBatch, SendGroup};
 use crate::tun::PacketFd;
+use crate::vnet::VnetSide;
 use crate::waker::Waker;
 
 /// The most bytes one GSO send carries: a UDP datagram's limit, less headers. (The most
@@ -195,33 +196,48 @@ impl MmsgCalls {
 }
 
 /// Reads packets from a packet descriptor into pooled buffers, keeping each buffer's tailroom
-/// free for padding and tag. Returns whether the batch filled (more may be waiting).
+/// free for padding and tag; with a virtio-net header, each read (a packet or super-packet)
+/// is split into pooled buffers ([`VnetSide::read_one`]). Returns whether the batch of reads
+/// filled (more may be waiting).
 pub(crate) fn read_packet_batch(
     fd: &PacketFd,
     batch: usize,
     pool: &mut BufPool,
     out: &mut Vec<PacketBuf>,
     stats: &mut IoStats,
+    vnet: &mut VnetSide,
 ) -> io::Result<bool> {
     for _ in 0..batch {
-        let mut buf = pool.get();
-        let spare = buf.spare_mut();
-        let room = spare.len().saturating_sub(DEFAULT_TAILROOM);
-        match sys::read(fd.as_fd(), &mut spare[..room]) {
-            Ok(0) => {
-                pool.put(buf);
+        let result = if vnet.vnet_hdr {
+            vnet.read_one(fd.as_fd(), pool, out, stats)
+        } else {
+            let mut buf = pool.get();
+            let spare = buf.spare_mut();
+            let room = spare.len().saturating_sub(DEFAULT_TAILROOM);
+            match sys::read(fd.as_fd(), &mut spare[..room]) {
+                Ok(0) => {
+                    pool.put(buf);
+                    Ok(false)
+                }
+                Ok(n) => {
+                    buf.set_len(n).expect("read within the spare room");
+                    stats.tun_rx += 1;
+                    out.push(buf);
+                    Ok(true)
+                }
+                Err(e) => {
+                    pool.put(buf);
+                    Err(e)
+                }
+            }
+        };
+        match result {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
                 return Ok(false);
             }
-            Ok(n) => {
-                buf.set_len(n).expect("read within the spare room");
-                stats.tun_rx += 1;
-                out.push(buf);
-            }
             Err(e) => {
-                pool.put(buf);
-                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                    return Ok(false);
-                }
                 stats.tun_read_errors += 1;
                 return Err(e);
             }
@@ -304,13 +320,18 @@ impl Readiness {
 }
 
 /// Writes `packets` (drained, their buffers back to `pool`) to a packet descriptor, one
-/// `write` each; a refused packet is counted and the rest go on.
+/// `write` each, or with a virtio-net header one `write`/`writev` per packet or coalesced run
+/// ([`VnetSide::write_all`]); a refused packet is counted and the rest go on.
 pub(crate) fn write_packet_batch(
     fd: &PacketFd,
     packets: &mut Vec<PacketBuf>,
     pool: &mut BufPool,
     stats: &mut IoStats,
+    vnet: &mut VnetSide,
 ) {
+    if vnet.vnet_hdr {
+        return vnet.write_all(fd.as_fd(), packets, pool, stats);
+    }
     for buf in packets.drain(..) {
         match sys::write(fd.as_fd(), buf.data()) {
             Ok(_) => stats.tun_tx += 1,

@@ -23,6 +23,7 @@
 
 mod backend;
 mod calls;
+mod faults;
 mod inproc;
 mod mmsg;
 mod peers;
@@ -30,6 +31,7 @@ mod socket;
 mod stats;
 mod tun;
 mod uring;
+mod vnet;
 mod waker;
 // Every `unsafe` of the crate is in `sys`; the rest may not hold any.
 #[allow(unsafe_code)]
@@ -39,6 +41,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 
 pub use backend::{BackendKind, PacketIo};
+pub use faults::Fault;
 pub use inproc::{
     INBOUND_QUEUE, InPacket, InProcessSide, InProcessStats, OUTBOUND_QUEUE, OutPacket, PacketQueues,
     in_process,
@@ -48,7 +51,7 @@ pub use peers::MAX_CONNECTED_PEERS;
 pub use socket::{UdpConfig, UdpSocket};
 pub use stats::IoStats;
 pub use sys::adopt_inherited_fd;
-pub use tun::{PacketFd, PacketPipe, Tun};
+pub use tun::{PacketFd, PacketPipe, Tun, TunOffloads};
 pub use uring::{DEFAULT_IDLE_AFTER, UringIo};
 pub use waker::Waker;
 
@@ -56,6 +59,7 @@ pub use waker::Waker;
 /// themselves; only with the `testing` feature, never part of the API.
 #[cfg(feature = "testing")]
 pub mod testing {
+    pub use crate::faults::force as force_refusal;
     pub use crate::sys::counting::CountingAllocator;
 
     /// How many `uring` backends were dropped with requests still in flight, their memory

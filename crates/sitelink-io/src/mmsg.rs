@@ -16,6 +16,7 @@ use crate::socket::UdpSocket;
 use crate::stats::IoStats;
 use crate::sys;
 use crate::tun::PacketFd;
+use crate::vnet::VnetSide;
 use crate::waker::Waker;
 
 /// `recvmmsg`/`sendmmsg` and `epoll`.
@@ -33,6 +34,8 @@ pub struct MmsgIo {
     /// The peers' connected sockets (`flag`: datagrams may be waiting).
     peers: PeerSockets,
     readiness: Readiness,
+    /// The TUN side's header, coalescing and read memory.
+    vnet: VnetSide,
 }
 
 impl std::fmt::Debug for MmsgIo {
@@ -61,6 +64,9 @@ impl MmsgIo {
             sys::set_nonblocking(p.as_fd(), true)?;
         }
         let gso = udp.supports_gso();
+        let mut stats = IoStats::default();
+        let vnet =
+            VnetSide::new(packets.as_ref().map(PacketFd::offloads).unwrap_or_default(), batch, &mut stats);
         Ok(MmsgIo {
             more_packets: packets.is_some(),
             packets,
@@ -70,9 +76,10 @@ impl MmsgIo {
             gso,
             more_udp: true,
             waker: Waker::new()?,
-            stats: IoStats::default(),
+            stats,
             peers: PeerSockets::new(),
             readiness: Readiness::new(),
+            vnet,
         })
     }
 
@@ -144,7 +151,7 @@ impl PacketIo for MmsgIo {
         let Some(packets) = self.packets.as_ref().filter(|_| self.more_packets) else {
             return Ok(());
         };
-        let result = read_packet_batch(packets, self.batch, pool, out, &mut self.stats);
+        let result = read_packet_batch(packets, self.batch, pool, out, &mut self.stats, &mut self.vnet);
         self.more_packets = matches!(result, Ok(true));
         result.map(|_| ())
     }
@@ -161,7 +168,7 @@ impl PacketIo for MmsgIo {
             return no_packet_side(packets, pool);
         };
         self.more_packets |= !packets.is_empty();
-        write_packet_batch(fd, packets, pool, &mut self.stats);
+        write_packet_batch(fd, packets, pool, &mut self.stats, &mut self.vnet);
         Ok(())
     }
 

@@ -32,6 +32,24 @@ pub struct IoStats {
     pub peer_sockets_stale: u64,
     /// Times the io_uring backend changed to readiness mode after the link went quiet.
     pub idle_entries: u64,
+    /// TUN reads that brought a super-packet (split into `tun_rx` packets).
+    pub tun_gso_reads: u64,
+    /// TUN writes of a coalesced super-packet (each counted in `tun_tx` by its packets).
+    pub tun_gso_writes: u64,
+    /// TUN reads whose virtio-net header or super-packet was bad (dropped).
+    pub tun_offload_errors: u64,
+    /// Received buffers that held several datagrams (UDP GRO).
+    pub udp_gro_reads: u64,
+    /// Fallback: `TUNSETOFFLOAD` was refused, so packets come in one at a time (a level: 1 if so).
+    pub tun_offload_refused: u64,
+    /// Fallback: the TUN device's UDP segmentation offload was refused (a level: 1 if so).
+    pub uso_refused: u64,
+    /// Fallback: the TUN device refused a coalesced write (`EINVAL`), so writes go one packet at a time.
+    pub gro_write_refused: u64,
+    /// Fallback: a UDP GSO send failed with `EIO`, so datagrams go one by one.
+    pub gso_send_refused: u64,
+    /// Fallback: the socket refused `UDP_GRO`, so datagrams come in one at a time (a level: 1 if so).
+    pub udp_gro_refused: u64,
 }
 
 impl IoStats {
@@ -51,6 +69,15 @@ impl IoStats {
             peer_sockets,
             peer_sockets_stale,
             idle_entries,
+            tun_gso_reads,
+            tun_gso_writes,
+            tun_offload_errors,
+            udp_gro_reads,
+            tun_offload_refused,
+            uso_refused,
+            gro_write_refused,
+            gso_send_refused,
+            udp_gro_refused,
         } = other;
         self.udp_rx += udp_rx;
         self.udp_tx += udp_tx;
@@ -65,5 +92,14 @@ impl IoStats {
         self.peer_sockets += peer_sockets;
         self.peer_sockets_stale += peer_sockets_stale;
         self.idle_entries += idle_entries;
+        self.tun_gso_reads += tun_gso_reads;
+        self.tun_gso_writes += tun_gso_writes;
+        self.tun_offload_errors += tun_offload_errors;
+        self.udp_gro_reads += udp_gro_reads;
+        self.tun_offload_refused += tun_offload_refused;
+        self.uso_refused += uso_refused;
+        self.gro_write_refused += gro_write_refused;
+        self.gso_send_refused += gso_send_refused;
+        self.udp_gro_refused += udp_gro_refused;
     }
 }

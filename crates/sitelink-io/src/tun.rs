@@ -7,27 +7,119 @@ use std::time::Duration;
 
 use crate::sys;
 
-/// A TUN interface (layer 3, no packet information header): one IP packet per read or write.
+/// What a TUN descriptor does beyond one plain packet per read and write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunOffloads {
+    /// Every packet read or written starts with a virtio-net header (`IFF_VNET_HDR`). Writes
+    /// may then be TCP super-packets, coalesced from a batch, whatever the flags below.
+    pub vnet_hdr: bool,
+    /// The kernel hands over TCP super-packets of up to 64 KiB and partial checksums
+    /// (`TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6` accepted).
+    pub tso: bool,
+    /// The kernel hands over UDP super-packets too (`TUN_F_USO4 | TUN_F_USO6`, Linux 6.2+).
+    pub uso: bool,
+    /// `TUNSETOFFLOAD` was refused: the errno (no super-packets come in; writes may still
+    /// coalesce when `vnet_hdr` is on).
+    pub tso_refused: Option<i32>,
+    /// `TUNSETOFFLOAD` with USO was refused: the errno (TCP offloads may still be on).
+    pub uso_refused: Option<i32>,
+}
+
+impl TunOffloads {
+    /// Asks the kernel for every offload sitelink handles on `fd` (opened with
+    /// `IFF_VNET_HDR`), settling for fewer where it refuses: TSO and USO, then TSO alone,
+    /// then none (packets still carry the header).
+    fn negotiate(fd: BorrowedFd<'_>) -> TunOffloads {
+        let tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        let mut o = TunOffloads { vnet_hdr: true, ..TunOffloads::default() };
+        match sys::tun_set_offload(fd, tso | uso) {
+            Ok(()) => {
+                o.tso = true;
+                o.uso = true;
+                return o;
+            }
+            Err(e) => o.uso_refused = Some(e.raw_os_error().unwrap_or(0)),
+        }
+        match sys::tun_set_offload(fd, tso) {
+            Ok(()) => o.tso = true,
+            Err(e) => o.tso_refused = Some(e.raw_os_error().unwrap_or(0)),
+        }
+        o
+    }
+
+    /// The `TUN_F_*` flags these offloads are.
+    fn flags(&self) -> libc::c_uint {
+        let mut flags = 0;
+        if self.tso {
+            flags |= libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+        }
+        if self.uso {
+            flags |= libc::TUN_F_USO4 | libc::TUN_F_USO6;
+        }
+        flags
+    }
+
+    /// Says once, in the log, which offloads the kernel refused.
+    fn log_refusals(&self, name: &str) {
+        if let Some(errno) = self.tso_refused {
+            tracing::warn!(
+                interface = name,
+                "TUN offloads refused by the kernel ({}); reading one packet at a time",
+                io::Error::from_raw_os_error(errno)
+            );
+        } else if let Some(errno) = self.uso_refused {
+            tracing::info!(
+                interface = name,
+                "TUN UDP segmentation offload refused by the kernel ({}); TCP offloads on",
+                io::Error::from_raw_os_error(errno)
+            );
+        }
+    }
+}
+
+/// A TUN interface (layer 3, no packet information header): one IP packet per read or write,
+/// or, with offloads ([`Tun::open`]), a virtio-net header and a packet or super-packet.
 #[derive(Debug)]
 pub struct Tun {
     fd: OwnedFd,
     name: String,
     multi_queue: bool,
+    offloads: TunOffloads,
 }
 
 impl Tun {
-    /// Creates the TUN interface `name`, or attaches to it if it exists. With `multi_queue`,
-    /// each call attaches one more queue (one per worker; see [`open_queue`](Self::open_queue)).
-    /// Needs CAP_NET_ADMIN.
+    /// Creates the TUN interface `name`, or attaches to it if it exists, with segmentation
+    /// offloads where the kernel has them (see [`TunOffloads`]: TCP and UDP super-packets of
+    /// up to 64 KiB each way, instead of a system call per packet; what the kernel refuses is
+    /// logged once and left off). With `multi_queue`, each call attaches one more queue (one
+    /// per worker; see [`open_queue`](Self::open_queue)). Needs CAP_NET_ADMIN.
     pub fn open(name: &str, multi_queue: bool) -> io::Result<Tun> {
-        let (fd, name) = sys::tun_open(name, multi_queue)?;
-        Ok(Tun { fd, name, multi_queue })
+        let tun = Tun::open_queue_of(name, multi_queue, true)?;
+        tun.offloads.log_refusals(&tun.name);
+        Ok(tun)
     }
 
-    /// Takes an already open TUN descriptor (such as one handed over in `WG_TUN_FD`).
+    /// As [`open`](Self::open), with no offloads at all: one plain IP packet per read and
+    /// write (for a kernel whose offloads misbehave).
+    pub fn open_without_offloads(name: &str, multi_queue: bool) -> io::Result<Tun> {
+        Tun::open_queue_of(name, multi_queue, false)
+    }
+
+    fn open_queue_of(name: &str, multi_queue: bool, vnet_hdr: bool) -> io::Result<Tun> {
+        let (fd, name) = sys::tun_open(name, multi_queue, vnet_hdr)?;
+        let offloads = if vnet_hdr { TunOffloads::negotiate(fd.as_fd()) } else { TunOffloads::default() };
+        Ok(Tun { fd, name, multi_queue, offloads })
+    }
+
+    /// Takes an already open TUN descriptor (such as one handed over in `WG_TUN_FD`). If it
+    /// was opened with `IFF_VNET_HDR`, offloads are asked for as [`open`](Self::open) does.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Tun> {
-        let (name, multi_queue) = sys::tun_info(fd.as_fd())?;
-        Ok(Tun { fd, name, multi_queue })
+        let info = sys::tun_info(fd.as_fd())?;
+        let offloads =
+            if info.vnet_hdr { TunOffloads::negotiate(fd.as_fd()) } else { TunOffloads::default() };
+        offloads.log_refusals(&info.name);
+        Ok(Tun { fd, name: info.name, multi_queue: info.multi_queue, offloads })
     }
 
     /// The interface name.
@@ -41,14 +133,37 @@ impl Tun {
         self.multi_queue
     }
 
+    /// The offloads in effect.
+    pub fn offloads(&self) -> TunOffloads {
+        self.offloads
+    }
+
+    /// Turns the offloads off (`TUNSETOFFLOAD` with none), for a descriptor already opened
+    /// with them: the kernel hands over plain packets, and the link writes no super-packets.
+    /// The virtio-net header stays (it is fixed when the descriptor attaches).
+    pub fn disable_offloads(&mut self) -> io::Result<()> {
+        if self.offloads.vnet_hdr && (self.offloads.tso || self.offloads.uso) {
+            sys::tun_set_offload(self.fd.as_fd(), 0)?;
+        }
+        self.offloads = TunOffloads { vnet_hdr: self.offloads.vnet_hdr, ..TunOffloads::default() };
+        Ok(())
+    }
+
     /// Attaches one more queue to this multi-queue interface: the kernel spreads the packets
-    /// it hands to userspace over the queues by flow, keeping each flow on one queue.
-    /// Fails with `InvalidInput` if the interface is not multi-queue.
+    /// it hands to userspace over the queues by flow, keeping each flow on one queue. The
+    /// queue has this one's header and offloads (the kernel requires the one, and sets the
+    /// other per device). Fails with `InvalidInput` if the interface is not multi-queue.
     pub fn open_queue(&self) -> io::Result<Tun> {
         if !self.multi_queue {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "the TUN interface is not multi-queue"));
         }
-        Tun::open(&self.name, true)
+        let (fd, name) = sys::tun_open(&self.name, true, self.offloads.vnet_hdr)?;
+        if self.offloads.vnet_hdr {
+            // The same request on every queue (the kernel keeps one set per device); what
+            // the first queue settled for stands.
+            let _ = sys::tun_set_offload(fd.as_fd(), self.offloads.flags());
+        }
+        Ok(Tun { fd, name, multi_queue: true, offloads: self.offloads })
     }
 
     /// Sets the interface MTU.
@@ -68,18 +183,29 @@ impl Tun {
 
     /// The descriptor, for a backend.
     pub fn into_packet_fd(self) -> PacketFd {
-        PacketFd(self.fd)
+        PacketFd { fd: self.fd, offloads: self.offloads }
     }
 }
 
-/// A descriptor that moves one IP packet per `read`/`write`: a TUN device or one end of a
-/// [`PacketPipe`].
+/// A descriptor that moves IP packets, one per `read`/`write` (or, with
+/// [`TunOffloads::vnet_hdr`], a virtio-net header and a packet or super-packet): a TUN device
+/// or one end of a [`PacketPipe`].
 #[derive(Debug)]
-pub struct PacketFd(OwnedFd);
+pub struct PacketFd {
+    fd: OwnedFd,
+    offloads: TunOffloads,
+}
+
+impl PacketFd {
+    /// The offloads this descriptor was opened with.
+    pub fn offloads(&self) -> TunOffloads {
+        self.offloads
+    }
+}
 
 impl AsFd for PacketFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
+        self.fd.as_fd()
     }
 }
 
@@ -121,7 +247,7 @@ impl PacketPipe {
             // A datagram socket pair keeps packet boundaries, as TUN does.
             let (a, b) = std::os::unix::net::UnixDatagram::pair()?;
             app.push(OwnedFd::from(a));
-            link.push(PacketFd(OwnedFd::from(b)));
+            link.push(PacketFd { fd: OwnedFd::from(b), offloads: TunOffloads::default() });
         }
         let pipe = PacketPipe {
             queues: app,

@@ -141,6 +141,11 @@ impl Provided {
         Some(buf)
     }
 
+    /// How many buffers the ring holds.
+    pub(super) fn entries(&self) -> u16 {
+        self.ring.entries
+    }
+
     /// The address of the ring's entries, to register with the kernel.
     pub(super) fn ring_addr(&self) -> u64 {
         self.ring.base as u64

@@ -58,14 +58,17 @@ impl IfReq {
 }
 
 /// Opens `/dev/net/tun` and attaches it to the TUN interface `name` (created if missing), as
-/// `IFF_TUN | IFF_NO_PI`, with `IFF_MULTI_QUEUE` when asked. Returns the descriptor and the
-/// interface's name as the kernel has it.
-pub(crate) fn tun_open(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, String)> {
+/// `IFF_TUN | IFF_NO_PI`, with `IFF_MULTI_QUEUE` and `IFF_VNET_HDR` when asked. Returns the
+/// descriptor and the interface's name as the kernel has it.
+pub(crate) fn tun_open(name: &str, multi_queue: bool, vnet_hdr: bool) -> io::Result<(OwnedFd, String)> {
     let fd = OwnedFd::from(std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?);
     let mut req = IfReq::new(name)?;
     let mut flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
     if multi_queue {
         flags |= libc::IFF_MULTI_QUEUE as libc::c_short;
+    }
+    if vnet_hdr {
+        flags |= libc::IFF_VNET_HDR as libc::c_short;
     }
     req.set_flags(flags);
     // SAFETY: TUNSETIFF reads and writes one `struct ifreq`, which `req` is (repr(C), 40 bytes).
@@ -73,13 +76,39 @@ pub(crate) fn tun_open(name: &str, multi_queue: bool) -> io::Result<(OwnedFd, St
     Ok((fd, req.name()))
 }
 
-/// The interface name of an open TUN descriptor (one handed over by a parent process), and
-/// whether it was attached with `IFF_MULTI_QUEUE`.
-pub(crate) fn tun_info(fd: BorrowedFd<'_>) -> io::Result<(String, bool)> {
+/// What `TUNGETIFF` tells of an open TUN descriptor (such as one handed over by a parent
+/// process).
+pub(crate) struct TunInfo {
+    pub(crate) name: String,
+    pub(crate) multi_queue: bool,
+    pub(crate) vnet_hdr: bool,
+}
+
+/// The interface name of an open TUN descriptor and the flags it was attached with.
+pub(crate) fn tun_info(fd: BorrowedFd<'_>) -> io::Result<TunInfo> {
     let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: [0; 24] };
     // SAFETY: TUNGETIFF writes one `struct ifreq` into `req`; the descriptor is borrowed live.
     check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF as _, &mut req as *mut IfReq) })?;
-    Ok((req.name(), req.flags() & libc::IFF_MULTI_QUEUE as libc::c_short != 0))
+    let flags = req.flags();
+    Ok(TunInfo {
+        name: req.name(),
+        multi_queue: flags & libc::IFF_MULTI_QUEUE as libc::c_short != 0,
+        vnet_hdr: flags & libc::IFF_VNET_HDR as libc::c_short != 0,
+    })
+}
+
+/// `TUNSETOFFLOAD`: tells the kernel which offloads (`TUN_F_*`) this side handles, so that it
+/// may hand over super-packets and partial checksums. The flags are per device.
+pub(crate) fn tun_set_offload(fd: BorrowedFd<'_>, flags: libc::c_uint) -> io::Result<()> {
+    if crate::faults::refused(crate::faults::Fault::TunOffload)
+        || (flags & (libc::TUN_F_USO4 | libc::TUN_F_USO6) != 0
+            && crate::faults::refused(crate::faults::Fault::Uso))
+    {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned int); no memory is passed.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD as _, flags as libc::c_ulong) })?;
+    Ok(())
 }
 
 /// Receives one datagram into `buf` if one is queued, without blocking: `Ok(None)` if none.
@@ -189,6 +218,11 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 /// One `write(2)` of `buf`.
 pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
     Ok(rustix::io::write(fd, buf)?)
+}
+
+/// One `writev(2)` of `bufs`, gathered into one packet.
+pub(crate) fn writev(fd: BorrowedFd<'_>, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    Ok(rustix::io::writev(fd, bufs)?)
 }
 
 /// A non-blocking `eventfd`, used to wake a worker blocked in a wait.

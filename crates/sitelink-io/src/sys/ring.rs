@@ -12,7 +12,9 @@
 //!   [`PacketBuf`]s, offered so that the kernel's `io_uring_recvmsg_out` header and the source
 //!   address land in the headroom and the datagram at the buffer's normal data offset.
 //! * TUN reads: one multishot read over a second buffer ring (buffers offered at their data
-//!   offset, their tailroom kept free for padding and tag). TUN writes: one SQE per packet.
+//!   offset, their tailroom kept free for padding and tag; with a virtio-net header, fewer
+//!   buffers of a super-packet's size, from a pool of the ring's own, for the backend to
+//!   split). TUN writes: one SQE per packet, or one `writev` per coalesced run.
 //! * Sends: one `sendmsg` per group of datagrams, with `UDP_SEGMENT` (GSO) for runs of equal
 //!   datagrams to one address, the iovecs pointing at the sealed buffers, from boxed slots
 //!   that do not move.
@@ -81,6 +83,17 @@ pub(crate) fn probe() -> io::Result<()> {
     Ok(())
 }
 
+/// Buffers in the TUN buffer ring when reads bring super-packets: each is 64 KiB, and a
+/// run of small packets (acknowledgements) uses one each, so enough for a turn's worth.
+const LARGE_TUN_ENTRIES: u16 = 32;
+
+/// One in-flight TUN write: a packet, or a coalesced run gathered by `writev` (the first
+/// packet whole, the others from `skip`), boxed so that the iovecs do not move.
+struct WriteSlot {
+    bufs: Vec<PacketBuf>,
+    iovs: Vec<libc::iovec>,
+}
+
 /// The kernel structures of one in-flight `sendmsg`, boxed so they do not move.
 struct SendSlot {
     hdr: libc::msghdr,
@@ -120,10 +133,12 @@ pub(crate) enum Event {
     Packet(PacketBuf),
     /// The TUN read failed with this errno (not counting cancellation, `EAGAIN`, `ENOBUFS`).
     ReadFailed(i32),
-    /// A TUN write completed (its buffer went to the done list).
+    /// A TUN write completed (its buffers went to the done list).
     Written {
-        /// Whether the kernel took the packet.
-        ok: bool,
+        /// The kernel's result: bytes, or a negative errno.
+        result: i32,
+        /// The packets it carried (more than one: a coalesced run).
+        packets: usize,
     },
     /// A datagram arrived (from `Datagram::addr`).
     Received(Datagram),
@@ -154,11 +169,11 @@ pub(crate) fn provided_entries(batch: usize) -> usize {
 }
 
 /// The most buffers one [`Ring::reap`] can hand back: every send slot's datagrams (a GSO send
-/// holds up to [`GSO_MAX_SEGMENTS`]), every TUN write, and both provided rings' buffers. A
-/// done list made with this capacity never grows, so reaping never allocates, whatever the
-/// timing.
+/// holds up to [`GSO_MAX_SEGMENTS`]), every TUN write's packets (a run holds up to
+/// [`MAX_RUN`](crate::vnet::MAX_RUN)), and both provided rings' buffers. A done list made with
+/// this capacity never grows, so reaping never allocates, whatever the timing.
 pub(crate) fn most_done(batch: usize) -> usize {
-    batch * GSO_MAX_SEGMENTS + batch * 2 + 2 * provided_entries(batch)
+    batch * GSO_MAX_SEGMENTS + batch * 2 * crate::vnet::MAX_RUN + 2 * provided_entries(batch)
 }
 
 /// One io_uring with the memory its requests use. See the module documentation.
@@ -169,7 +184,10 @@ pub(crate) struct Ring {
     udp_bufs: Provided,
     tun_bufs: Provided,
     recv_msghdr: Box<libc::msghdr>,
-    tun_writes: Vec<Option<PacketBuf>>,
+    /// The TUN ring's own buffers when reads bring super-packets (None: the caller's pool).
+    tun_pool: Option<BufPool>,
+    #[allow(clippy::vec_box)]
+    tun_writes: Vec<Box<WriteSlot>>,
     tun_writes_free: Vec<usize>,
     /// Boxed so that a slot the kernel points into never moves, whatever the vector does.
     #[allow(clippy::vec_box)]
@@ -193,11 +211,15 @@ impl Ring {
     /// (registered as files), built disabled: [`enable`](Self::enable) it on the thread that
     /// will drive it.
     /// (`packets` is `None` for a backend without a packet side: its slot is left empty and
-    /// no TUN read may be armed.)
+    /// no TUN read may be armed.) With `vnet_hdr`, TUN reads bring a virtio-net header and up
+    /// to a super-packet, into buffers of [`READ_MAX`](crate::vnet::READ_MAX) bytes from the
+    /// ring's own pool, which [`recycle_tun_buf`](Self::recycle_tun_buf) takes back; writes
+    /// may be gathered runs.
     pub(crate) fn new(
         batch: usize,
         packets: Option<BorrowedFd<'_>>,
         udp: BorrowedFd<'_>,
+        vnet_hdr: bool,
     ) -> io::Result<Ring> {
         let entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u32;
         // Enabled by the first `wait`, on the worker thread that drives it from then on: that
@@ -226,13 +248,19 @@ impl Ring {
         ring.submitter().register_files(&[packets.map_or(-1, |p| p.as_raw_fd()), udp.as_raw_fd()])?;
         let ring_entries = provided_entries(batch) as u16;
         let udp_bufs = Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?;
-        let tun_bufs = Provided::new(ring_entries, BGID_TUN, 0, DEFAULT_TAILROOM)?;
+        let (tun_bufs, tun_pool) = if vnet_hdr {
+            let pool = BufPool::new(crate::vnet::READ_MAX, 0, usize::from(LARGE_TUN_ENTRIES) + 4);
+            (Provided::new(LARGE_TUN_ENTRIES, BGID_TUN, 0, 0)?, Some(pool))
+        } else {
+            (Provided::new(ring_entries, BGID_TUN, 0, DEFAULT_TAILROOM)?, None)
+        };
         for p in [&udp_bufs, &tun_bufs] {
             // SAFETY: the entries stay allocated (owned by `p`, a field of the ring's owner)
             // for its life, and past it if the kernel may still use them: `Drop` drains every
             // request before the ring closes, or leaks them.
-            unsafe { ring.submitter().register_buf_ring_with_flags(p.ring_addr(), ring_entries, p.bgid, 0)? };
+            unsafe { ring.submitter().register_buf_ring_with_flags(p.ring_addr(), p.entries(), p.bgid, 0)? };
         }
+        let run = if vnet_hdr { crate::vnet::MAX_RUN } else { 1 };
         // SAFETY: msghdr is plain old data; zeros are valid.
         let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
         recv_msghdr.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
@@ -254,7 +282,10 @@ impl Ring {
             udp_bufs,
             tun_bufs,
             recv_msghdr,
-            tun_writes: (0..batch * 2).map(|_| None).collect(),
+            tun_pool,
+            tun_writes: (0..batch * 2)
+                .map(|_| Box::new(WriteSlot { bufs: Vec::with_capacity(run), iovs: Vec::with_capacity(run) }))
+                .collect(),
             tun_writes_free: (0..batch * 2).collect(),
             sends,
             sends_free: (0..batch).collect(),
@@ -332,7 +363,15 @@ impl Ring {
     /// Lends fresh pool buffers to both buffer rings for every one consumed.
     pub(crate) fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
         self.udp_bufs.refill(pool)?;
-        self.tun_bufs.refill(pool)
+        self.tun_bufs.refill(self.tun_pool.as_mut().unwrap_or(pool))
+    }
+
+    /// Takes back a TUN read buffer of the ring's own pool (with a virtio-net header), once
+    /// its packet has been split out of it.
+    pub(crate) fn recycle_tun_buf(&mut self, buf: PacketBuf) {
+        if let Some(pool) = &mut self.tun_pool {
+            pool.put(buf);
+        }
     }
 
     /// Whether the multishot receive of `socket` (an id; 0: the shared socket) is armed.
@@ -430,13 +469,45 @@ impl Ring {
         let entry = opcode::Write::new(Fixed(FILE_TUN), data.as_ptr(), data.len() as u32)
             .build()
             .user_data(user_data(TUN_WRITE, slot));
-        self.tun_writes[slot] = Some(buf);
+        self.tun_writes[slot].bufs.push(buf);
         // SAFETY: the buffer is held in `tun_writes[slot]` until the write completes.
         if let Err(e) = unsafe { self.push(&entry) } {
             // The entry was never queued: the buffer is ours again.
-            let buf = self.tun_writes[slot].take().expect("just stored");
+            let buf = self.tun_writes[slot].bufs.pop().expect("just stored");
             self.tun_writes_free.push(slot);
             return Err((e, buf));
+        }
+        Ok(())
+    }
+
+    /// Queues one gathered write of the run `bufs` (drained; at most
+    /// [`MAX_RUN`](crate::vnet::MAX_RUN)): the first buffer's data whole, then each other's
+    /// from `skip`. The buffers come back through `reap`. With no slot free, or too many
+    /// buffers, fails with them untouched in `bufs`.
+    pub(crate) fn write_tun_gathered(&mut self, bufs: &mut Vec<PacketBuf>, skip: usize) -> io::Result<()> {
+        if bufs.len() > crate::vnet::MAX_RUN || bufs.iter().skip(1).any(|b| b.len() < skip) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a run one write can gather"));
+        }
+        let Some(slot) = self.tun_writes_free.pop() else {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        };
+        let w = &mut *self.tun_writes[slot];
+        w.bufs.append(bufs);
+        w.iovs.clear();
+        for (i, b) in w.bufs.iter().enumerate() {
+            let data = if i == 0 { b.data() } else { &b.data()[skip..] };
+            w.iovs.push(libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() });
+        }
+        let entry = opcode::Writev::new(Fixed(FILE_TUN), w.iovs.as_ptr(), w.iovs.len() as u32)
+            .build()
+            .user_data(user_data(TUN_WRITE, slot));
+        // SAFETY: the slot is boxed and holds the iovecs and the buffers they point into until
+        // the write completes.
+        if let Err(e) = unsafe { self.push(&entry) } {
+            let w = &mut *self.tun_writes[slot];
+            bufs.append(&mut w.bufs);
+            self.tun_writes_free.push(slot);
+            return Err(e);
         }
         Ok(())
     }
@@ -557,11 +628,13 @@ impl Ring {
                     }
                 }
                 TUN_WRITE => {
-                    if let Some(buf) = self.tun_writes.get_mut(slot).and_then(Option::take) {
-                        self.tun_writes_free.push(slot);
-                        done.push(buf);
-                    }
-                    event(Event::Written { ok: result >= 0 });
+                    let Some(w) = self.tun_writes.get_mut(slot).filter(|w| !w.bufs.is_empty()) else {
+                        continue;
+                    };
+                    let packets = w.bufs.len();
+                    done.append(&mut w.bufs);
+                    self.tun_writes_free.push(slot);
+                    event(Event::Written { result, packets });
                 }
                 UDP_RECV => {
                     if !more {

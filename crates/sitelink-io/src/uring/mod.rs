@@ -41,6 +41,7 @@ use crate::stats::IoStats;
 use crate::sys::SendGroup;
 use crate::sys::ring::{Event, Ring, Socket};
 use crate::tun::PacketFd;
+use crate::vnet::{TunWrite, VnetSide};
 use crate::waker::Waker;
 
 pub use readiness::DEFAULT_IDLE_AFTER;
@@ -81,6 +82,11 @@ pub struct UringIo {
     woken: bool,
     /// Readiness mode: its state and the plain calls it moves packets with.
     quiet: Quiet,
+    /// The TUN side's header, coalescing and memory.
+    vnet: VnetSide,
+    /// TUN reads (header and packet or super-packet) waiting to be split, in the ring's
+    /// own buffers.
+    ready_reads: Vec<PacketBuf>,
 }
 
 impl std::fmt::Debug for UringIo {
@@ -112,8 +118,11 @@ impl UringIo {
         if let Some(p) = &packets {
             crate::sys::set_nonblocking(p.as_fd(), true)?;
         }
-        let ring = Ring::new(batch, packets.as_ref().map(AsFd::as_fd), udp.as_fd())?;
+        let offloads = packets.as_ref().map(PacketFd::offloads).unwrap_or_default();
+        let ring = Ring::new(batch, packets.as_ref().map(AsFd::as_fd), udp.as_fd(), offloads.vnet_hdr)?;
         let gso = udp.supports_gso();
+        let mut stats = IoStats::default();
+        let vnet = VnetSide::new(offloads, batch, &mut stats);
         Ok(UringIo {
             ring,
             packets,
@@ -129,13 +138,15 @@ impl UringIo {
             waker: Waker::new()?,
             gso,
             tun_read_error: None,
-            stats: IoStats::default(),
+            stats,
             peers: PeerSockets::new(),
             closing: Vec::new(),
             close_after_first_submit: Vec::new(),
             stale: Vec::with_capacity(crate::MAX_CONNECTED_PEERS),
             woken: false,
             quiet: Quiet::new(batch),
+            ready_reads: Vec::with_capacity(if vnet.vnet_hdr { 64 } else { 0 }),
+            vnet,
         })
     }
 
@@ -183,6 +194,8 @@ impl UringIo {
         let UringIo {
             ring,
             ready_packets,
+            ready_reads,
+            vnet,
             ready_datagrams,
             done,
             stats,
@@ -196,6 +209,11 @@ impl UringIo {
             ..
         } = self;
         ring.reap(done, |event| match event {
+            Event::Packet(buf) if vnet.vnet_hdr => {
+                // Split in the worker's turn, into its pool's buffers.
+                quiet.input_seen = true;
+                ready_reads.push(buf);
+            }
             Event::Packet(buf) => {
                 stats.tun_rx += 1;
                 quiet.input_seen = true;
@@ -205,8 +223,12 @@ impl UringIo {
                 stats.tun_read_errors += 1;
                 *tun_read_error = Some(io::Error::from_raw_os_error(errno));
             }
-            Event::Written { ok: true } => stats.tun_tx += 1,
-            Event::Written { ok: false } => stats.tun_write_errors += 1,
+            Event::Written { result, packets } => {
+                let write = TunWrite { count: packets, skip: 0, ok: true };
+                let result =
+                    if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) };
+                vnet.coalesce &= crate::vnet::after_write(&result, &write, stats);
+            }
             Event::Received(d) => {
                 stats.udp_rx += 1;
                 quiet.input_seen = true;
@@ -257,6 +279,7 @@ impl UringIo {
     /// a request to re-arm or a socket to retire (both done in its turn).
     fn has_work(&mut self) -> bool {
         !self.ready_packets.is_empty()
+            || !self.ready_reads.is_empty()
             || !self.ready_datagrams.is_empty()
             || self.quiet.ready != 0
             || std::mem::take(&mut self.woken)
@@ -318,7 +341,11 @@ impl PacketIo for UringIo {
         }
         // Until the receive, the reads and the waker are armed (the first turn, or after the
         // buffer ring ran dry), nothing may complete: go round once to arm them.
-        if self.unarmed() || !self.ready_packets.is_empty() || !self.ready_datagrams.is_empty() {
+        if self.unarmed()
+            || !self.ready_packets.is_empty()
+            || !self.ready_reads.is_empty()
+            || !self.ready_datagrams.is_empty()
+        {
             self.ring.submit(0)?;
             self.reap();
             return Ok(());
@@ -384,6 +411,10 @@ impl PacketIo for UringIo {
     fn read_packets(&mut self, pool: &mut BufPool, out: &mut Vec<PacketBuf>) -> io::Result<()> {
         self.recycle_done(pool);
         out.append(&mut self.ready_packets);
+        for raw in self.ready_reads.drain(..) {
+            crate::vnet::split_read(raw.data(), pool, out, &mut self.stats);
+            self.ring.recycle_tun_buf(raw);
+        }
         if let Some(e) = self.tun_read_error.take() {
             // Re-armed at the next turn, not now: a broken descriptor would fail again at once.
             return Err(e);
@@ -393,7 +424,14 @@ impl PacketIo for UringIo {
             // A full batch: more is waiting, the traffic is no longer sparse; the ring takes
             // over (the multishot read, armed below, reads the rest).
             if let Some(packets) = &self.packets
-                && crate::calls::read_packet_batch(packets, self.batch, pool, out, &mut self.stats)?
+                && crate::calls::read_packet_batch(
+                    packets,
+                    self.batch,
+                    pool,
+                    out,
+                    &mut self.stats,
+                    &mut self.vnet,
+                )?
             {
                 self.quiet.active = false;
             }
@@ -449,18 +487,57 @@ impl PacketIo for UringIo {
             return Ok(());
         }
         let mut wrote = false;
-        for buf in packets.drain(..) {
+        if self.vnet.vnet_hdr {
+            crate::vnet::plan_writes(packets, self.vnet.coalesce, &mut self.vnet.plan);
+        }
+        let mut bufs = packets.drain(..);
+        let mut next = 0;
+        loop {
+            let write = match self.vnet.plan.get(next) {
+                Some(w) if self.vnet.vnet_hdr => *w,
+                _ if self.vnet.vnet_hdr => break,
+                _ => TunWrite { count: 1, skip: 0, ok: true },
+            };
+            next += 1;
+            self.vnet.run.clear();
+            self.vnet.run.extend(bufs.by_ref().take(write.count));
+            if self.vnet.run.is_empty() {
+                break;
+            }
+            if !write.ok || (write.count > 1 && crate::faults::refused(crate::Fault::GroWrite)) {
+                // No header (dropped), or a forced refusal: counted as the kernel's would be.
+                let result = Err(io::Error::from_raw_os_error(libc::EINVAL));
+                let counted = TunWrite { count: self.vnet.run.len(), ..write };
+                if write.ok {
+                    self.vnet.coalesce &= crate::vnet::after_write(&result, &counted, &mut self.stats);
+                } else {
+                    self.stats.tun_write_errors += counted.count as u64;
+                }
+                self.vnet.run.drain(..).for_each(|b| pool.put(b));
+                continue;
+            }
             while !self.ring.can_write() {
                 self.ring.submit(1)?;
                 self.reap();
-                self.recycle_done(pool);
+                for b in self.done.drain(..) {
+                    pool.put(b);
+                }
             }
-            if let Err((e, buf)) = self.ring.write_tun(buf) {
-                pool.put(buf);
-                return Err(e);
-            }
+            let queued = if write.count == 1 {
+                let buf = self.vnet.run.pop().expect("one packet");
+                self.ring.write_tun(buf).map_err(|(e, buf)| {
+                    pool.put(buf);
+                    e
+                })
+            } else {
+                let r = self.ring.write_tun_gathered(&mut self.vnet.run, write.skip);
+                self.vnet.run.drain(..).for_each(|b| pool.put(b));
+                r
+            };
+            queued?;
             wrote = true;
         }
+        drop(bufs);
         if wrote || self.ring.has_queued() {
             // The packets go to the TUN side now, not at the end of the turn: whoever waits
             // for them (a ping) gets them a turn's work sooner, and what the kernel answers at

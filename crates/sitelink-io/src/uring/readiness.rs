@@ -210,6 +210,6 @@ impl UringIo {
         if !packets.is_empty() {
             self.quiet.ready |= READY_TUN;
         }
-        write_packet_batch(fd, packets, pool, &mut self.stats);
+        write_packet_batch(fd, packets, pool, &mut self.stats, &mut self.vnet);
     }
 }

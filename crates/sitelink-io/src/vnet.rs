@@ -1,0 +1,275 @@
+//! The TUN side with a virtio-net header ([`TunOffloads`](crate::TunOffloads)): what one read
+//! brings (a packet, or a super-packet to split) and how a batch of packets to write becomes
+//! fewer, larger writes. Both backends move packets with these; the splitting, coalescing and
+//! checksums themselves are `sitelink_frame::offload`'s.
+
+use std::io;
+
+use sitelink_frame::offload::{self, VIRTIO_NET_HDR_LEN, VirtioNetHdr};
+use sitelink_frame::{BufPool, PacketBuf};
+
+use crate::stats::IoStats;
+
+/// The most one TUN read returns with offloads on: the header, and a super-packet of up to
+/// 64 KiB (an IPv6 one's payload length may be 65,535 after its 40-byte header).
+pub(crate) const READ_MAX: usize = VIRTIO_NET_HDR_LEN + 65_535 + 40;
+
+/// The most packets one write may coalesce (a 64 KiB super-packet of 1,380-byte segments is 48).
+pub(crate) const MAX_RUN: usize = 64;
+
+/// The most bytes of a coalesced super-packet: its IP length field's limit.
+const MAX_SUPER_PACKET: usize = 65_535;
+
+/// A backend's state for its TUN side: whether packets carry the header, whether writes
+/// coalesce, and the memory reads and writes reuse.
+pub(crate) struct VnetSide {
+    /// Packets carry a virtio-net header.
+    pub(crate) vnet_hdr: bool,
+    /// Runs of TCP segments are written as super-packets (TSO accepted, and no `EINVAL` yet).
+    pub(crate) coalesce: bool,
+    /// Where a plain read lands before it is split ([`READ_MAX`] bytes with the header, else
+    /// none: reads go straight into pooled buffers).
+    scratch: Box<[u8]>,
+    /// The writes of the batch being written.
+    pub(crate) plan: Vec<TunWrite>,
+    /// The packets of the write being made.
+    pub(crate) run: Vec<PacketBuf>,
+}
+
+impl VnetSide {
+    /// The state for a packet side with `offloads`, its fallbacks noted in `stats`.
+    pub(crate) fn new(offloads: crate::TunOffloads, batch: usize, stats: &mut IoStats) -> VnetSide {
+        stats.tun_offload_refused = u64::from(offloads.tso_refused.is_some());
+        stats.uso_refused = u64::from(offloads.uso_refused.is_some());
+        VnetSide {
+            vnet_hdr: offloads.vnet_hdr,
+            coalesce: offloads.vnet_hdr && offloads.tso,
+            scratch: if offloads.vnet_hdr { vec![0; READ_MAX].into_boxed_slice() } else { Box::default() },
+            plan: Vec::with_capacity(if offloads.vnet_hdr { batch.max(1) } else { 0 }),
+            run: Vec::with_capacity(if offloads.vnet_hdr { MAX_RUN } else { 0 }),
+        }
+    }
+
+    /// Reads one packet or super-packet from `fd` with a plain `read`, splitting it into
+    /// `out`. `Ok(false)` when nothing was waiting.
+    pub(crate) fn read_one(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        pool: &mut BufPool,
+        out: &mut Vec<PacketBuf>,
+        stats: &mut IoStats,
+    ) -> io::Result<bool> {
+        match crate::sys::read(fd, &mut self.scratch) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                split_read(&self.scratch[..n], pool, out, stats);
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `packets` (drained, buffers back to `pool`) with plain `write`/`writev` calls:
+    /// one per packet or coalesced run.
+    pub(crate) fn write_all(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        packets: &mut Vec<PacketBuf>,
+        pool: &mut BufPool,
+        stats: &mut IoStats,
+    ) {
+        plan_writes(packets, self.coalesce, &mut self.plan);
+        let mut bufs = packets.drain(..);
+        for w in &self.plan {
+            self.run.clear();
+            self.run.extend(bufs.by_ref().take(w.count));
+            if !w.ok {
+                stats.tun_write_errors += w.count as u64;
+            } else {
+                let result = if w.count == 1 {
+                    crate::sys::write(fd, self.run[0].data())
+                } else if crate::faults::refused(crate::Fault::GroWrite) {
+                    Err(io::Error::from_raw_os_error(libc::EINVAL))
+                } else {
+                    let mut iov = [io::IoSlice::new(&[]); MAX_RUN];
+                    iov[0] = io::IoSlice::new(self.run[0].data());
+                    for (slot, b) in iov[1..].iter_mut().zip(&self.run[1..]) {
+                        *slot = io::IoSlice::new(&b.data()[w.skip..]);
+                    }
+                    crate::sys::writev(fd, &iov[..w.count])
+                };
+                self.coalesce &= after_write(&result, w, stats);
+            }
+            for b in self.run.drain(..) {
+                pool.put(b);
+            }
+        }
+    }
+}
+
+/// Splits what one read returned (`raw`: the header, then the packet) into segments from
+/// `pool`, appended to `out`. A read that cannot be split is counted and dropped.
+pub(crate) fn split_read(raw: &[u8], pool: &mut BufPool, out: &mut Vec<PacketBuf>, stats: &mut IoStats) {
+    let result = VirtioNetHdr::parse(raw)
+        .and_then(|hdr| offload::segment(&raw[VIRTIO_NET_HDR_LEN..], &hdr, pool, out).map(|n| (n, hdr)));
+    match result {
+        Ok((n, hdr)) => {
+            stats.tun_rx += n as u64;
+            if hdr.gso_type != VirtioNetHdr::GSO_NONE {
+                stats.tun_gso_reads += 1;
+            }
+        }
+        Err(e) => {
+            if stats.tun_offload_errors == 0 {
+                tracing::warn!("a TUN read could not be split ({e}); dropped (counted from now on)");
+            }
+            stats.tun_offload_errors += 1;
+        }
+    }
+}
+
+/// One write to the TUN side: `count` packets from where the last ended; when more than one,
+/// the first carries the super-packet's headers and the others are written from `skip`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TunWrite {
+    pub(crate) count: usize,
+    pub(crate) skip: usize,
+    /// False when the packet could not be given a header (it is dropped and counted).
+    pub(crate) ok: bool,
+}
+
+/// Plans the writes of `packets` to a TUN device with a virtio-net header, preparing the
+/// packets in place: each gets its header in its headroom, and with `coalesce`, runs of one
+/// TCP flow's segments ([`offload::tcp_run_len`], checksums verified) become super-packets
+/// (the first segment's headers rewritten, [`offload::coalesce_tcp_in_place`]). `plan` is
+/// cleared and then lists the writes in order, covering every packet.
+pub(crate) fn plan_writes(packets: &mut [PacketBuf], coalesce: bool, plan: &mut Vec<TunWrite>) {
+    plan.clear();
+    let mut i = 0;
+    while i < packets.len() {
+        let end = packets.len().min(i + MAX_RUN);
+        let run = if coalesce { offload::tcp_run_len(&packets[i..end], MAX_SUPER_PACKET) } else { 1 };
+        let mut write = TunWrite { count: 1, skip: 0, ok: true };
+        let mut hdr = VirtioNetHdr::default();
+        if run > 1
+            && let Ok((h, skip)) = offload::coalesce_tcp_in_place(&mut packets[i..i + run])
+        {
+            hdr = h;
+            write = TunWrite { count: run, skip, ok: true };
+        }
+        write.ok = match packets[i].prepend(VIRTIO_NET_HDR_LEN) {
+            Ok(head) => hdr.write(head).is_ok(),
+            Err(_) => false,
+        };
+        plan.push(write);
+        i += write.count;
+    }
+}
+
+/// What a write's result means for the writes after it: an `EINVAL` on a super-packet is the
+/// kernel refusing GSO writes (a known regression): coalescing goes off, said once and
+/// counted. Returns whether coalescing stays on.
+pub(crate) fn after_write(result: &io::Result<usize>, write: &TunWrite, stats: &mut IoStats) -> bool {
+    match result {
+        Ok(_) => {
+            stats.tun_tx += write.count as u64;
+            if write.count > 1 {
+                stats.tun_gso_writes += 1;
+            }
+            true
+        }
+        Err(e) => {
+            stats.tun_write_errors += write.count as u64;
+            if write.count > 1 && e.raw_os_error() == Some(libc::EINVAL) {
+                stats.gro_write_refused += 1;
+                tracing::warn!(
+                    "the TUN device refused a coalesced write (EINVAL); writing packets one by one from now on"
+                );
+                return false;
+            }
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp_segments(n: usize) -> Vec<PacketBuf> {
+        // A super-packet split by the frame code is a run that merges whole.
+        let payload = vec![7u8; 1000 * n];
+        let mut l4 = vec![0u8; 20];
+        l4[0..2].copy_from_slice(&4000u16.to_be_bytes());
+        l4[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        l4[12] = 5 << 4;
+        l4[13] = 0x10;
+        l4.extend_from_slice(&payload);
+        let mut sp = vec![0u8; 20 + l4.len()];
+        let len = sitelink_frame::ip::build_ipv4(&mut sp, [10, 0, 0, 1].into(), [10, 0, 0, 2].into(), 6, &l4)
+            .unwrap();
+        let hdr = VirtioNetHdr {
+            flags: VirtioNetHdr::NEEDS_CSUM,
+            gso_type: VirtioNetHdr::GSO_TCPV4,
+            gso_size: 1000,
+            csum_start: 20,
+            csum_offset: 16,
+            ..Default::default()
+        };
+        let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN];
+        hdr.write(&mut raw).unwrap();
+        raw.extend_from_slice(&sp[..len]);
+        let mut pool = BufPool::for_mtu(1420, 256);
+        let mut out = Vec::new();
+        let mut stats = IoStats::default();
+        split_read(&raw, &mut pool, &mut out, &mut stats);
+        assert_eq!((stats.tun_rx, stats.tun_gso_reads), (n as u64, 1));
+        out
+    }
+
+    #[test]
+    fn a_batch_plans_one_write_per_run_and_one_per_other_packet() {
+        let mut packets = tcp_segments(5);
+        packets.push(PacketBuf::from_slice(&[0x45; 20])); // not TCP: alone
+        packets.extend(tcp_segments(2));
+        let mut plan = Vec::new();
+        plan_writes(&mut packets, true, &mut plan);
+        let counts: Vec<usize> = plan.iter().map(|w| w.count).collect();
+        assert_eq!(counts, vec![5, 1, 2]);
+        assert!(plan.iter().all(|w| w.ok));
+        assert_eq!(plan[0].skip, 40);
+        let first = VirtioNetHdr::parse(packets[0].data()).unwrap();
+        assert_eq!((first.gso_type, first.gso_size), (VirtioNetHdr::GSO_TCPV4, 1000));
+        let alone = VirtioNetHdr::parse(packets[5].data()).unwrap();
+        assert_eq!(alone, VirtioNetHdr::default());
+
+        let mut packets = tcp_segments(3);
+        plan_writes(&mut packets, false, &mut plan);
+        assert_eq!(plan.iter().map(|w| w.count).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert!(packets.iter().all(|p| p.data()[..VIRTIO_NET_HDR_LEN] == [0; VIRTIO_NET_HDR_LEN]));
+    }
+
+    #[test]
+    fn a_read_that_cannot_be_split_is_counted_and_dropped() {
+        let mut pool = BufPool::for_mtu(1420, 8);
+        let mut out = Vec::new();
+        let mut stats = IoStats::default();
+        split_read(&[1, 2, 3], &mut pool, &mut out, &mut stats);
+        let bad_gso = [0, VirtioNetHdr::GSO_TCPV4, 0, 0, 0, 0, 0, 0, 0, 0, 0x45, 0];
+        split_read(&bad_gso, &mut pool, &mut out, &mut stats);
+        assert!(out.is_empty());
+        assert_eq!(stats.tun_offload_errors, 2);
+    }
+
+    #[test]
+    fn einval_on_a_coalesced_write_turns_coalescing_off() {
+        let mut stats = IoStats::default();
+        let run = TunWrite { count: 4, skip: 40, ok: true };
+        assert!(after_write(&Ok(100), &run, &mut stats));
+        assert_eq!((stats.tun_tx, stats.tun_gso_writes), (4, 1));
+        let einval = Err(io::Error::from_raw_os_error(libc::EINVAL));
+        assert!(after_write(&einval, &TunWrite { count: 1, ..run }, &mut stats), "a single packet's EINVAL");
+        assert!(!after_write(&einval, &run, &mut stats));
+        assert_eq!((stats.tun_write_errors, stats.gro_write_refused), (5, 1));
+    }
+}
