@@ -52,6 +52,10 @@ pub(crate) fn group_for_gso(dgrams: &[Datagram], gso: bool, groups: &mut Vec<Sen
     }
 }
 
+/// Receives one `recvmmsg` makes on a socket with UDP GRO on: each into a buffer of
+/// [`GRO_READ_MAX`](crate::gro::GRO_READ_MAX) bytes, reused call after call.
+const GRO_BATCH: usize = 16;
+
 /// One `recvmmsg` or `sendmmsg` call's worth of headers, buffers and results, reused call
 /// after call.
 pub(crate) struct MmsgCalls {
@@ -61,6 +65,8 @@ pub(crate) struct MmsgCalls {
     addrs: Vec<Option<SocketAddr>>,
     truncated: Vec<bool>,
     batch: usize,
+    /// With UDP GRO on: the large receive buffers and each receive's segment size.
+    gro: Option<(Vec<PacketBuf>, Vec<u16>)>,
 }
 
 impl MmsgCalls {
@@ -72,7 +78,18 @@ impl MmsgCalls {
             addrs: vec![None; batch],
             truncated: vec![false; batch],
             batch,
+            gro: None,
         }
+    }
+
+    /// Receives runs of datagrams (the sockets have UDP GRO on) into large buffers, cut into
+    /// pooled ones; or, with `false`, one datagram per pooled buffer.
+    pub(crate) fn set_gro(&mut self, on: bool) {
+        self.gro = on.then(|| {
+            let n = GRO_BATCH.min(self.batch);
+            let bufs = (0..n).map(|_| PacketBuf::new(crate::gro::GRO_READ_MAX, 0)).collect();
+            (bufs, vec![0; n])
+        });
     }
 
     /// One `recvmmsg` on `sock` into pooled buffers, appending what arrived whole to `out`:
@@ -85,10 +102,13 @@ impl MmsgCalls {
         out: &mut Vec<Datagram>,
         stats: &mut IoStats,
     ) -> (bool, io::Result<()>) {
+        if self.gro.is_some() {
+            return self.recv_runs(sock, pool, out, stats);
+        }
         while self.bufs.len() < self.batch {
             self.bufs.push(pool.get());
         }
-        let got = match self.msgs.recv(sock, &mut self.bufs, &mut self.addrs, &mut self.truncated) {
+        let got = match self.msgs.recv(sock, &mut self.bufs, &mut self.addrs, &mut self.truncated, None) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
                 return (false, Ok(()));
@@ -114,6 +134,37 @@ impl MmsgCalls {
             }
         }
         (got == self.batch, Ok(()))
+    }
+
+    /// [`recv`](Self::recv) with UDP GRO on: each receive may be a run of datagrams, cut into
+    /// pooled buffers ([`crate::gro::split_datagrams`]).
+    fn recv_runs(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+        stats: &mut IoStats,
+    ) -> (bool, io::Result<()>) {
+        let (bufs, segments) = self.gro.as_mut().expect("GRO on");
+        let got = match self.msgs.recv(sock, bufs, &mut self.addrs, &mut self.truncated, Some(segments)) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                return (false, Ok(()));
+            }
+            Err(e) => {
+                stats.udp_recv_errors += 1;
+                return (true, if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) });
+            }
+        };
+        for i in 0..got {
+            match (self.addrs[i], self.truncated[i]) {
+                (Some(addr), false) => {
+                    crate::gro::split_datagrams(addr, bufs[i].data(), segments[i], pool, out, stats);
+                }
+                _ => stats.udp_truncated += 1,
+            }
+        }
+        (got == bufs.len(), Ok(()))
     }
 
     /// Sends `dgrams` (drained, their buffers back to `pool`): runs of equal datagrams to one

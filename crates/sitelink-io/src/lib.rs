@@ -24,6 +24,7 @@
 mod backend;
 mod calls;
 mod faults;
+mod gro;
 mod inproc;
 mod mmsg;
 mod peers;

@@ -59,7 +59,7 @@ impl MmsgIo {
         MmsgIo::with_packet_side(None, udp, batch)
     }
 
-    fn with_packet_side(packets: Option<PacketFd>, udp: UdpSocket, batch: usize) -> io::Result<MmsgIo> {
+    fn with_packet_side(packets: Option<PacketFd>, mut udp: UdpSocket, batch: usize) -> io::Result<MmsgIo> {
         if let Some(p) = &packets {
             sys::set_nonblocking(p.as_fd(), true)?;
         }
@@ -67,12 +67,14 @@ impl MmsgIo {
         let mut stats = IoStats::default();
         let vnet =
             VnetSide::new(packets.as_ref().map(PacketFd::offloads).unwrap_or_default(), batch, &mut stats);
+        let mut calls = MmsgCalls::new(batch);
+        calls.set_gro(udp.enable_gro(&mut stats));
         Ok(MmsgIo {
             more_packets: packets.is_some(),
             packets,
             udp,
             batch,
-            calls: MmsgCalls::new(batch),
+            calls,
             gso,
             more_udp: true,
             waker: Waker::new()?,
@@ -172,7 +174,8 @@ impl PacketIo for MmsgIo {
         Ok(())
     }
 
-    fn replace_socket(&mut self, udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
+    fn replace_socket(&mut self, mut udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
+        self.calls.set_gro(udp.enable_gro(&mut self.stats));
         self.gso = udp.supports_gso();
         self.udp = udp;
         self.readiness.reset();

@@ -20,11 +20,22 @@ pub struct UdpConfig {
     /// Set `SO_REUSEPORT`, so that several workers share the port, and so that the backend
     /// can give each peer a connected socket of its own on it ([`PacketIo::connect_peers`]).
     pub reuse_port: bool,
+    /// Let the backend turn UDP GRO on (`UDP_GRO`), so that a run of datagrams from one sender
+    /// comes in with one receive (the backends cut it up; a plain reader of the socket never
+    /// sees runs, as the socket itself is bound without it).
+    pub gro: bool,
 }
 
 impl Default for UdpConfig {
     fn default() -> Self {
-        UdpConfig { port: 0, fwmark: 0, buffer_bytes: 8 << 20, loopback_only: false, reuse_port: false }
+        UdpConfig {
+            port: 0,
+            fwmark: 0,
+            buffer_bytes: 8 << 20,
+            loopback_only: false,
+            reuse_port: false,
+            gro: true,
+        }
     }
 }
 
@@ -38,6 +49,8 @@ pub struct UdpSocket {
     /// How it was bound: what a connected sibling on the same port needs.
     opts: sys::UdpOptions,
     loopback_only: bool,
+    /// The backend may turn GRO on ([`UdpConfig::gro`]).
+    gro_wanted: bool,
 }
 
 impl UdpSocket {
@@ -48,6 +61,7 @@ impl UdpSocket {
             fwmark: config.fwmark,
             buffer_bytes: config.buffer_bytes,
             reuse_port: config.reuse_port,
+            gro: false,
         };
         let (fd, ipv6) = sys::udp_bind(opts, config.loopback_only)?;
         let port = sys::local_port(fd.as_fd())?;
@@ -57,6 +71,7 @@ impl UdpSocket {
             port,
             opts: sys::UdpOptions { port, ..opts },
             loopback_only: config.loopback_only,
+            gro_wanted: config.gro,
         })
     }
 
@@ -79,6 +94,7 @@ impl UdpSocket {
             port: self.port,
             opts: self.opts,
             loopback_only: self.loopback_only,
+            gro_wanted: self.gro_wanted,
         })
     }
 
@@ -102,6 +118,36 @@ impl UdpSocket {
     /// The receive buffer the kernel granted.
     pub fn recv_buffer_size(&self) -> io::Result<usize> {
         sys::recv_buffer_size(self.fd.as_fd())
+    }
+
+    /// Turns UDP GRO on (`UDP_GRO`) if the configuration lets it, for this socket and the
+    /// siblings made from it later: a receive may then bring a run of datagrams in one
+    /// buffer, which only a backend that reads the segment size may do (the backends turn it
+    /// on themselves). Returns whether it is on; a refusal is counted in `stats` and logged
+    /// once per process.
+    pub(crate) fn enable_gro(&mut self, stats: &mut crate::IoStats) -> bool {
+        if !self.gro_wanted {
+            return false;
+        }
+        match sys::set_udp_gro(self.fd.as_fd()) {
+            Ok(()) => {
+                self.opts.gro = true;
+                true
+            }
+            Err(e) => {
+                stats.udp_gro_refused = 1;
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    tracing::warn!("UDP GRO refused by the kernel ({e}); receiving datagrams one by one")
+                });
+                false
+            }
+        }
+    }
+
+    /// Whether UDP GRO is on.
+    pub fn gro(&self) -> bool {
+        self.opts.gro
     }
 
     /// Whether the kernel takes `UDP_SEGMENT` on this socket.

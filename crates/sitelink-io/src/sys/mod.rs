@@ -404,6 +404,8 @@ pub(crate) struct UdpOptions {
     pub(crate) fwmark: u32,
     pub(crate) buffer_bytes: u32,
     pub(crate) reuse_port: bool,
+    /// `UDP_GRO` on (set by [`set_udp_gro`] on the first socket, copied to its siblings).
+    pub(crate) gro: bool,
 }
 
 /// A UDP socket bound to `port` on every address: dual-stack IPv6 where the kernel allows it,
@@ -466,6 +468,11 @@ pub(crate) fn udp_connected(opts: UdpOptions, loopback_only: bool, peer: SocketA
         return Err(io::Error::new(io::ErrorKind::Unsupported, "an IPv6 peer on a loopback-only link"));
     }
     let fd = udp_bind_family(UdpOptions { reuse_port: true, ..opts }, v6, loopback_only, v6)?;
+    if opts.gro {
+        // Its datagrams go to the same large buffers as the first socket's: a sibling that
+        // refuses GRO still works, one datagram a buffer.
+        let _ = set_udp_gro(std::os::fd::AsFd::as_fd(&fd));
+    }
     socket2::SockRef::from(&fd).connect(&peer.into())?;
     Ok(fd)
 }
@@ -489,6 +496,26 @@ pub(crate) fn set_fwmark(fd: BorrowedFd<'_>, mark: u32) -> io::Result<()> {
 /// The receive buffer size the kernel gave a socket.
 pub(crate) fn recv_buffer_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
     socket2::SockRef::from(&fd).recv_buffer_size()
+}
+
+/// Sets `UDP_GRO` on a socket: from now on a receive may bring a run of datagrams, with their
+/// size in a control message (which every receive on it must then ask for and read).
+pub(crate) fn set_udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
+    if crate::faults::refused(crate::Fault::UdpGro) {
+        return Err(io::Error::from_raw_os_error(libc::ENOPROTOOPT));
+    }
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_UDP,
+            crate::gro::UDP_GRO,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
 }
 
 /// Whether the kernel accepts `UDP_SEGMENT` (GSO) on this socket.
@@ -533,15 +560,22 @@ impl MsgBatch {
 
     /// Receives up to `bufs.len()` datagrams without blocking, each into the spare room of one
     /// of `bufs` (whose length is set). Returns how many arrived; `addrs[i]` tells each one's
-    /// source, and `truncated[i]` whether it was larger than its buffer.
+    /// source, and `truncated[i]` whether it was larger than its buffer. With `segments`, each
+    /// receive asks for control messages and `segments[i]` is the `UDP_GRO` segment size of
+    /// receive `i` (0: one datagram).
     pub(crate) fn recv(
         &mut self,
         fd: BorrowedFd<'_>,
         bufs: &mut [PacketBuf],
         addrs: &mut [Option<SocketAddr>],
         truncated: &mut [bool],
+        mut segments: Option<&mut [u16]>,
     ) -> io::Result<usize> {
-        let n = bufs.len().min(self.hdrs.len()).min(addrs.len()).min(truncated.len());
+        let mut n = bufs.len().min(self.hdrs.len()).min(addrs.len()).min(truncated.len());
+        if let Some(s) = &segments {
+            n = n.min(s.len());
+        }
+        let want_control = segments.is_some();
         for (i, buf) in bufs.iter_mut().enumerate().take(n) {
             let spare = buf.spare_mut();
             self.iovs[i] = libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: spare.len() };
@@ -551,14 +585,20 @@ impl MsgBatch {
             h.msg_namelen = self.addrs[i].len;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            h.msg_control = std::ptr::null_mut();
-            h.msg_controllen = 0;
+            if want_control {
+                self.cmsgs[i] = [0; GSO_CMSG_SPACE / 8];
+                h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
+                h.msg_controllen = GSO_CMSG_SPACE;
+            } else {
+                h.msg_control = std::ptr::null_mut();
+                h.msg_controllen = 0;
+            }
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
         // SAFETY: the first `n` headers point at the spare room of `n` live buffers (borrowed
-        // mutably for this call) and at address storage inside `self`; the kernel writes
-        // within those bounds.
+        // mutably for this call) and at address and control storage inside `self`; the kernel
+        // writes within those bounds.
         let r = unsafe {
             libc::recvmmsg(
                 fd.as_raw_fd(),
@@ -576,6 +616,14 @@ impl MsgBatch {
             let len = (h.msg_len as usize).min(bufs[i].spare_mut().len());
             bufs[i].set_len(len).expect("the kernel wrote within the spare room");
             addrs[i] = self.addrs[i].socket_addr();
+            if let Some(segments) = segments.as_deref_mut() {
+                let control_len = h.msg_hdr.msg_controllen.min(GSO_CMSG_SPACE);
+                let mut control = [0u8; GSO_CMSG_SPACE];
+                for (chunk, word) in control.chunks_exact_mut(8).zip(&self.cmsgs[i]) {
+                    chunk.copy_from_slice(&word.to_ne_bytes());
+                }
+                segments[i] = crate::gro::gro_segment(&control[..control_len]).unwrap_or(0);
+            }
         }
         Ok(got)
     }

@@ -56,6 +56,13 @@ pub(crate) const RECV_PREFIX: usize = 16 + size_of::<libc::sockaddr_in6>();
 
 const _: () = assert!(RECV_PREFIX <= DEFAULT_HEADROOM, "the pool's headroom holds the recvmsg prefix");
 
+/// The same with room for the `UDP_GRO` control message, when the sockets have GRO on.
+const RECV_PREFIX_GRO: usize = RECV_PREFIX + crate::gro::GRO_CMSG_SPACE;
+
+/// Buffers in the UDP buffer ring when receives may bring runs of datagrams: each holds a
+/// whole UDP datagram's worth (64 KiB).
+const LARGE_UDP_ENTRIES: u16 = 32;
+
 /// The user data of a request: its kind in the top byte, its slot (or socket id) below.
 fn user_data(kind: u64, slot: usize) -> u64 {
     (kind << KIND_SHIFT) | slot as u64
@@ -140,8 +147,10 @@ pub(crate) enum Event {
         /// The packets it carried (more than one: a coalesced run).
         packets: usize,
     },
-    /// A datagram arrived (from `Datagram::addr`).
-    Received(Datagram),
+    /// A datagram arrived (from `Datagram::addr`); with UDP GRO, a run of datagrams of the
+    /// given size (the last may be shorter; 0: one datagram), in a buffer of the ring's own
+    /// pool for [`Ring::recycle_udp_buf`].
+    Received(Datagram, u16),
     /// A datagram was larger than the buffers (dropped).
     Truncated,
     /// A receive failed (other than by cancellation or `ENOBUFS`).
@@ -186,6 +195,10 @@ pub(crate) struct Ring {
     recv_msghdr: Box<libc::msghdr>,
     /// The TUN ring's own buffers when reads bring super-packets (None: the caller's pool).
     tun_pool: Option<BufPool>,
+    /// The UDP ring's own buffers when receives bring runs (None: the caller's pool).
+    udp_pool: Option<BufPool>,
+    /// Bytes the kernel writes ahead of a received datagram (header, address, control).
+    recv_prefix: usize,
     #[allow(clippy::vec_box)]
     tun_writes: Vec<Box<WriteSlot>>,
     tun_writes_free: Vec<usize>,
@@ -214,12 +227,15 @@ impl Ring {
     /// no TUN read may be armed.) With `vnet_hdr`, TUN reads bring a virtio-net header and up
     /// to a super-packet, into buffers of [`READ_MAX`](crate::vnet::READ_MAX) bytes from the
     /// ring's own pool, which [`recycle_tun_buf`](Self::recycle_tun_buf) takes back; writes
-    /// may be gathered runs.
+    /// may be gathered runs. With `udp_gro` (the sockets have `UDP_GRO` on), receives bring
+    /// runs of datagrams into 64 KiB buffers of the ring's own, for
+    /// [`recycle_udp_buf`](Self::recycle_udp_buf).
     pub(crate) fn new(
         batch: usize,
         packets: Option<BorrowedFd<'_>>,
         udp: BorrowedFd<'_>,
         vnet_hdr: bool,
+        udp_gro: bool,
     ) -> io::Result<Ring> {
         let entries = (batch * 4).next_power_of_two().clamp(64, 4096) as u32;
         // Enabled by the first `wait`, on the worker thread that drives it from then on: that
@@ -247,7 +263,16 @@ impl Ring {
         // A sparse slot (-1) where there is no packet descriptor.
         ring.submitter().register_files(&[packets.map_or(-1, |p| p.as_raw_fd()), udp.as_raw_fd()])?;
         let ring_entries = provided_entries(batch) as u16;
-        let udp_bufs = Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?;
+        let (udp_bufs, udp_pool, recv_prefix) = if udp_gro {
+            let pool = BufPool::new(
+                RECV_PREFIX_GRO + crate::gro::GRO_READ_MAX,
+                RECV_PREFIX_GRO,
+                usize::from(LARGE_UDP_ENTRIES) + 4,
+            );
+            (Provided::new(LARGE_UDP_ENTRIES, BGID_UDP, RECV_PREFIX_GRO, 0)?, Some(pool), RECV_PREFIX_GRO)
+        } else {
+            (Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?, None, RECV_PREFIX)
+        };
         let (tun_bufs, tun_pool) = if vnet_hdr {
             let pool = BufPool::new(crate::vnet::READ_MAX, 0, usize::from(LARGE_TUN_ENTRIES) + 4);
             (Provided::new(LARGE_TUN_ENTRIES, BGID_TUN, 0, 0)?, Some(pool))
@@ -264,6 +289,7 @@ impl Ring {
         // SAFETY: msghdr is plain old data; zeros are valid.
         let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
         recv_msghdr.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        recv_msghdr.msg_controllen = recv_prefix - RECV_PREFIX;
         let sends = (0..batch)
             .map(|_| {
                 Box::new(SendSlot {
@@ -283,6 +309,8 @@ impl Ring {
             tun_bufs,
             recv_msghdr,
             tun_pool,
+            udp_pool,
+            recv_prefix,
             tun_writes: (0..batch * 2)
                 .map(|_| Box::new(WriteSlot { bufs: Vec::with_capacity(run), iovs: Vec::with_capacity(run) }))
                 .collect(),
@@ -362,8 +390,16 @@ impl Ring {
 
     /// Lends fresh pool buffers to both buffer rings for every one consumed.
     pub(crate) fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
-        self.udp_bufs.refill(pool)?;
+        self.udp_bufs.refill(self.udp_pool.as_mut().unwrap_or(pool))?;
         self.tun_bufs.refill(self.tun_pool.as_mut().unwrap_or(pool))
+    }
+
+    /// Takes back a UDP receive buffer of the ring's own pool (with GRO), once its datagrams
+    /// have been cut out of it.
+    pub(crate) fn recycle_udp_buf(&mut self, buf: PacketBuf) {
+        if let Some(pool) = &mut self.udp_pool {
+            pool.put(buf);
+        }
     }
 
     /// Takes back a TUN read buffer of the ring's own pool (with a virtio-net header), once
@@ -666,14 +702,15 @@ impl Ring {
                                     name.len().min(size_of::<libc::sockaddr_in6>()),
                                 );
                             }
-                            (raw.socket_addr(), out.payload_data().len(), out.is_payload_truncated())
+                            let segment = crate::gro::gro_segment(out.control_data()).unwrap_or(0);
+                            (raw.socket_addr(), out.payload_data().len(), out.is_payload_truncated(), segment)
                         })
                     };
                     match parsed {
-                        Some((Some(addr), len, false)) => {
-                            buf.set_len(RECV_PREFIX + len).expect("within the buffer");
-                            buf.advance(RECV_PREFIX).expect("prefix is inside the data");
-                            event(Event::Received(Datagram { addr, buf }));
+                        Some((Some(addr), len, false, segment)) => {
+                            buf.set_len(self.recv_prefix + len).expect("within the buffer");
+                            buf.advance(self.recv_prefix).expect("prefix is inside the data");
+                            event(Event::Received(Datagram { addr, buf }, segment));
                         }
                         _ => {
                             done.push(buf);

@@ -87,6 +87,11 @@ pub struct UringIo {
     /// TUN reads (header and packet or super-packet) waiting to be split, in the ring's
     /// own buffers.
     ready_reads: Vec<PacketBuf>,
+    /// The sockets have UDP GRO on: receives bring runs of datagrams into the ring's own
+    /// buffers.
+    gro: bool,
+    /// Receives (a run of datagrams and their size) waiting to be cut up.
+    ready_runs: Vec<(Datagram, u16)>,
 }
 
 impl std::fmt::Debug for UringIo {
@@ -110,7 +115,7 @@ impl UringIo {
         UringIo::with_packet_side(None, udp, batch)
     }
 
-    fn with_packet_side(packets: Option<PacketFd>, udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
+    fn with_packet_side(packets: Option<PacketFd>, mut udp: UdpSocket, batch: usize) -> io::Result<UringIo> {
         // Non-blocking: the ring reads it with a multishot read, which the kernel then serves
         // as packets arrive (on a blocking descriptor each read would park a kernel worker
         // thread, and every packet would cost a wake-up of one of them before ours); readiness
@@ -119,10 +124,13 @@ impl UringIo {
             crate::sys::set_nonblocking(p.as_fd(), true)?;
         }
         let offloads = packets.as_ref().map(PacketFd::offloads).unwrap_or_default();
-        let ring = Ring::new(batch, packets.as_ref().map(AsFd::as_fd), udp.as_fd(), offloads.vnet_hdr)?;
-        let gso = udp.supports_gso();
         let mut stats = IoStats::default();
+        let gro = udp.enable_gro(&mut stats);
+        let ring = Ring::new(batch, packets.as_ref().map(AsFd::as_fd), udp.as_fd(), offloads.vnet_hdr, gro)?;
+        let gso = udp.supports_gso();
         let vnet = VnetSide::new(offloads, batch, &mut stats);
+        let mut quiet = Quiet::new(batch);
+        quiet.calls.set_gro(gro);
         Ok(UringIo {
             ring,
             packets,
@@ -144,7 +152,9 @@ impl UringIo {
             close_after_first_submit: Vec::new(),
             stale: Vec::with_capacity(crate::MAX_CONNECTED_PEERS),
             woken: false,
-            quiet: Quiet::new(batch),
+            quiet,
+            gro,
+            ready_runs: Vec::with_capacity(if gro { 64 } else { 0 }),
             ready_reads: Vec::with_capacity(if vnet.vnet_hdr { 64 } else { 0 }),
             vnet,
         })
@@ -195,6 +205,8 @@ impl UringIo {
             ring,
             ready_packets,
             ready_reads,
+            ready_runs,
+            gro,
             vnet,
             ready_datagrams,
             done,
@@ -229,7 +241,12 @@ impl UringIo {
                     if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) };
                 vnet.coalesce &= crate::vnet::after_write(&result, &write, stats);
             }
-            Event::Received(d) => {
+            Event::Received(d, segment) if *gro => {
+                // Cut up in the worker's turn, into its pool's buffers.
+                quiet.input_seen = true;
+                ready_runs.push((d, segment));
+            }
+            Event::Received(d, _) => {
                 stats.udp_rx += 1;
                 quiet.input_seen = true;
                 ready_datagrams.push(d);
@@ -281,6 +298,7 @@ impl UringIo {
         !self.ready_packets.is_empty()
             || !self.ready_reads.is_empty()
             || !self.ready_datagrams.is_empty()
+            || !self.ready_runs.is_empty()
             || self.quiet.ready != 0
             || std::mem::take(&mut self.woken)
             || self.tun_read_error.is_some()
@@ -345,6 +363,7 @@ impl PacketIo for UringIo {
             || !self.ready_packets.is_empty()
             || !self.ready_reads.is_empty()
             || !self.ready_datagrams.is_empty()
+            || !self.ready_runs.is_empty()
         {
             self.ring.submit(0)?;
             self.reap();
@@ -403,6 +422,10 @@ impl PacketIo for UringIo {
         // (Handing out only part of it while refilling the ring every turn let the backlog,
         // and the buffers it holds, grow without bound under a sustained flood.)
         out.append(&mut self.ready_datagrams);
+        for (run, segment) in self.ready_runs.drain(..) {
+            crate::gro::split_datagrams(run.addr, run.buf.data(), segment, pool, out, &mut self.stats);
+            self.ring.recycle_udp_buf(run.buf);
+        }
         let result = self.idle_recv_ready(pool, out);
         self.refill(pool)?;
         result
@@ -549,7 +572,7 @@ impl PacketIo for UringIo {
         Ok(())
     }
 
-    fn replace_socket(&mut self, udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
+    fn replace_socket(&mut self, mut udp: UdpSocket, _pool: &mut BufPool) -> io::Result<()> {
         // The peers' sockets move to the new port too.
         let (addrs, n) = self.peers.addrs();
         self.connect_peers(&[])?;
@@ -564,6 +587,10 @@ impl PacketIo for UringIo {
                 self.ring.submit(1)?;
                 self.reap();
             }
+        }
+        if self.gro {
+            // The ring's buffers hold runs: the new socket may have GRO (or, refused, not).
+            udp.enable_gro(&mut self.stats);
         }
         self.ring.replace_udp(udp.as_fd())?;
         self.quiet.ready &= !READY_UDP;

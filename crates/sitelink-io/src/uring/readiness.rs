@@ -45,7 +45,7 @@ pub(super) struct Quiet {
     /// Wakes with input in a row that came within `idle_after` of the one before.
     close_wakes: u32,
     /// `recvmmsg` and `sendmmsg` state.
-    calls: MmsgCalls,
+    pub(super) calls: MmsgCalls,
     /// The epoll set.
     pub(super) readiness: Readiness,
 }
