@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# The project's head-to-head: sitelinkd (each backend), wireguard-go and boringtun, each at
-# both ends of a tunnel between two network namespaces, configured with `wg` through the
-# common harness's helpers, measured in the same run. Prints one table:
-#   tcp_Gbps   iperf3 TCP through the tunnel for SECONDS, one stream
-#   tcp4_Gbps  the same with four parallel streams (iperf3 -P 4), which a multi-queue TUN
-#              device can spread over sitelinkd's workers
-#   udp64_pps  64-byte UDP datagrams per second delivered through the tunnel, sent as fast as
-#              one sender thread can by our own generator (udprate: iperf3 tops out near
-#              90,000/s here, far below what the tunnels carry)
-#   ping_us    idle ping RTT (50 pings at 20 ms)
-#   rss        peak RSS of each end
-# Needs root, ../shared/bench, iperf3, wireguard-go, wireguard-tools, boringtun-cli.
-# usage: sudo benches/netns.sh [seconds]
+# The project's head-to-head: sitelinkd (each backend), wireguard-go (2022 and the offloading
+# 0.0.20231211), gotatun and boringtun, each at both ends of a tunnel between two network
+# namespaces, configured with `wg` through the common harness's helpers, measured in the same
+# run. Prints one table, writes it to target/tmp/netns-results.txt and draws it as
+# benches/head-to-head.svg (benches/chart.py):
+#   tcp_Gbps     iperf3 TCP through the tunnel for SECONDS, one stream
+#   tcp4_Gbps    the same with four parallel streams (iperf3 -P 4), which a multi-queue TUN
+#                device can spread over sitelinkd's workers
+#   udp64_pps    64-byte UDP datagrams per second delivered through the tunnel, sent as fast as
+#                one sender thread can by our own generator (udprate: iperf3 tops out near
+#                90,000/s here, far below what the tunnels carry)
+#   ping_us      idle ping RTT (50 pings at 20 ms)
+#   load_med_us, load_p99_us, load_tcp_Gbps
+#                ping RTT median and p99 while one TCP stream fills the link (pings at 20 ms
+#                from the second second on), and that stream's Gbit/s
+#   rss          peak RSS of each end
+# Needs root, ../shared/bench (install-peers.sh installs every peer), iperf3, wireguard-tools.
+# usage: sudo benches/netns.sh [seconds] [impl...]
 set -u
 cd "$(dirname "$0")/.."
 T=${1:-8}
+shift || true
+ONLY=" $* "
 . ../shared/bench/netns-lib.sh || exit 1
 cargo build --release --quiet --bin sitelinkd --bin udprate || exit 1
 export SITELINKD=$PWD/target/release/sitelinkd
@@ -43,14 +50,34 @@ measure() { # label impl [backend] [workers]
     wait $rpid
     udp=$(grep -oE 'received_pps=[0-9]+' /tmp/udprate.$NL_ID | cut -d= -f2); rm -f /tmp/udprate.$NL_ID
     png=$(ip netns exec $NA ping -c 50 -i 0.02 -q 10.88.0.2 | awk -F/ '/rtt/{printf "%.0f", $5*1000}')
-    printf '%-18s %10s %10s %12s %10s %10s %10s\n' "$1" "$tcp" "$tcp4" "${udp:-FAILED}" "${png:-FAILED}" \
-      "$(nl_rss $PIDA)" "$(nl_rss $PIDB)"
+    (sleep 1; ip netns exec $NA ping -c $((T * 50 - 75)) -i 0.02 10.88.0.2 >/tmp/pingload.$NL_ID 2>&1) &
+    ppid=$!
+    ltcp=$(nl_tcp_gbps $T)
+    wait $ppid
+    load=$(python3 - /tmp/pingload.$NL_ID <<'PY'
+import re, sys
+r = sorted(float(m) * 1000 for m in re.findall(r"time=([0-9.]+) ms", open(sys.argv[1]).read()))
+print("%.0f %.0f" % (r[len(r) // 2], r[min(len(r) - 1, int(len(r) * 0.99))]) if r else "FAILED FAILED")
+PY
+); rm -f /tmp/pingload.$NL_ID
+    printf '%-18s %9s %9s %10s %8s %11s %11s %13s %9s %9s\n' "$1" "$tcp" "$tcp4" "${udp:-FAILED}" \
+      "${png:-FAILED}" $load "$ltcp" "$(nl_rss $PIDA)" "$(nl_rss $PIDB)"
   )
 }
 
-printf '%-18s %10s %10s %12s %10s %10s %10s\n' impl tcp_Gbps tcp4_Gbps udp64_pps ping_us rssA_KiB rssB_KiB
-measure sitelink-uring sitelink uring
-measure sitelink-uring-w2 sitelink uring 2
-measure sitelink-mmsg sitelink mmsg
-measure wireguard-go wireguard-go
-measure boringtun boringtun
+want() { [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $1 "* ]]; }
+mkdir -p target/tmp
+{
+printf '%-18s %9s %9s %10s %8s %11s %11s %13s %9s %9s\n' impl tcp_Gbps tcp4_Gbps udp64_pps ping_us \
+  load_med_us load_p99_us load_tcp_Gbps rssA_KiB rssB_KiB
+want sitelink-uring && measure sitelink-uring sitelink uring
+want sitelink-uring-w2 && measure sitelink-uring-w2 sitelink uring 2
+want sitelink-mmsg && measure sitelink-mmsg sitelink mmsg
+want wireguard-go-2023 && measure wireguard-go-2023 wireguard-go-2023
+want gotatun && measure gotatun gotatun
+want wireguard-go && measure wireguard-go wireguard-go
+want boringtun && measure boringtun boringtun
+} | tee target/tmp/netns-results.txt
+python3 benches/chart.py target/tmp/netns-results.txt benches/head-to-head.svg \
+  "sitelinkd and the userspace WireGuards, $T s per test, $(nproc) vCPU, $(uname -r)"
+echo "chart: benches/head-to-head.svg"

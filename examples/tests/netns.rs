@@ -339,3 +339,42 @@ fn uapi_refusals_get_an_errno_and_a_log_line() {
     assert!(refusals[0].contains("longer than"), "{}", refusals[0]);
     assert!(refusals[1].contains("listen_port"), "{}", refusals[1]);
 }
+
+/// A counter of the `io` block (the backends' `IoStats`) in sitelinkd's final counters line.
+fn io_counter(line: &str, name: &str) -> u64 {
+    let start =
+        line.find(&format!(" {name}: ")).unwrap_or_else(|| panic!("{name} not in {line}")) + name.len() + 3;
+    let digits: String = line[start..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().expect("a count")
+}
+
+/// sitelinkd with a peer that has segmentation offloads of its own: the usual checks, and on
+/// our side super-packets crossed the TUN device both ways (read and split, coalesced and
+/// written), so the offload paths met a peer we did not write.
+fn offload_interop(backend: &'static str, peer: Impl, initiator: usize) {
+    let Some(mut pair) = link_test_with(backend, peer, initiator, 1) else { return };
+    let last = pair.stop_and_read_counters(0);
+    assert!(io_counter(&last, "tun_gso_reads") > 0, "no super-packet read: {last}");
+    assert!(io_counter(&last, "tun_gso_writes") > 0, "no coalesced write: {last}");
+    assert_eq!(io_counter(&last, "tun_offload_errors"), 0, "{last}");
+}
+
+#[test]
+fn sitelink_initiates_to_wireguard_go_2023() {
+    offload_interop("uring", Impl::WireguardGo2023, 0);
+}
+
+#[test]
+fn wireguard_go_2023_initiates_to_sitelink() {
+    offload_interop("mmsg", Impl::WireguardGo2023, 1);
+}
+
+#[test]
+fn sitelink_initiates_to_gotatun() {
+    offload_interop("mmsg", Impl::Gotatun, 0);
+}
+
+#[test]
+fn gotatun_initiates_to_sitelink() {
+    offload_interop("uring", Impl::Gotatun, 1);
+}

@@ -200,8 +200,12 @@ impl MmsgCalls {
                     None => (udp, true),
                 };
                 stats.send_calls += 1;
-                match self.msgs.send(sock.as_fd(), sock.is_ipv6(), addressed, chunk, &self.groups[g..run_end])
-                {
+                let sent = if self.groups[g].segment != 0 && crate::faults::refused(crate::Fault::GsoSend) {
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                } else {
+                    self.msgs.send(sock.as_fd(), sock.is_ipv6(), addressed, chunk, &self.groups[g..run_end])
+                };
+                match sent {
                     Ok(n) => {
                         for grp in &self.groups[g..g + n] {
                             stats.udp_tx += (grp.end - grp.start) as u64;
@@ -213,6 +217,7 @@ impl MmsgCalls {
                         // The device cannot segment: send without GSO from here on.
                         tracing::warn!("UDP GSO refused by the kernel (EIO); sending datagrams one by one");
                         *gso = false;
+                        stats.gso_send_refused += 1;
                         let base = self.groups[g].start;
                         group_for_gso(&chunk[base..], false, &mut self.groups);
                         for grp in &mut self.groups {

@@ -98,7 +98,7 @@ impl VnetSide {
                     }
                     crate::sys::writev(fd, &iov[..w.count])
                 };
-                self.coalesce &= after_write(&result, w, stats);
+                after_write(&result, w, stats, &mut self.coalesce);
             }
             for b in self.run.drain(..) {
                 pool.put(b);
@@ -166,28 +166,31 @@ pub(crate) fn plan_writes(packets: &mut [PacketBuf], coalesce: bool, plan: &mut 
     }
 }
 
-/// What a write's result means for the writes after it: an `EINVAL` on a super-packet is the
-/// kernel refusing GSO writes (a known regression): coalescing goes off, said once and
-/// counted. Returns whether coalescing stays on.
-pub(crate) fn after_write(result: &io::Result<usize>, write: &TunWrite, stats: &mut IoStats) -> bool {
+/// Counts a write's result, and what it means for the writes after it: an `EINVAL` on a
+/// super-packet is the kernel refusing GSO writes (a known regression): `coalesce` goes off,
+/// said once and counted once (the other runs of the batch fail too, counted as errors).
+pub(crate) fn after_write(
+    result: &io::Result<usize>,
+    write: &TunWrite,
+    stats: &mut IoStats,
+    coalesce: &mut bool,
+) {
     match result {
         Ok(_) => {
             stats.tun_tx += write.count as u64;
             if write.count > 1 {
                 stats.tun_gso_writes += 1;
             }
-            true
         }
         Err(e) => {
             stats.tun_write_errors += write.count as u64;
-            if write.count > 1 && e.raw_os_error() == Some(libc::EINVAL) {
+            if write.count > 1 && e.raw_os_error() == Some(libc::EINVAL) && *coalesce {
+                *coalesce = false;
                 stats.gro_write_refused += 1;
                 tracing::warn!(
                     "the TUN device refused a coalesced write (EINVAL); writing packets one by one from now on"
                 );
-                return false;
             }
-            true
         }
     }
 }
@@ -264,12 +267,16 @@ mod tests {
     #[test]
     fn einval_on_a_coalesced_write_turns_coalescing_off() {
         let mut stats = IoStats::default();
+        let mut coalesce = true;
         let run = TunWrite { count: 4, skip: 40, ok: true };
-        assert!(after_write(&Ok(100), &run, &mut stats));
+        after_write(&Ok(100), &run, &mut stats, &mut coalesce);
         assert_eq!((stats.tun_tx, stats.tun_gso_writes), (4, 1));
         let einval = Err(io::Error::from_raw_os_error(libc::EINVAL));
-        assert!(after_write(&einval, &TunWrite { count: 1, ..run }, &mut stats), "a single packet's EINVAL");
-        assert!(!after_write(&einval, &run, &mut stats));
-        assert_eq!((stats.tun_write_errors, stats.gro_write_refused), (5, 1));
+        after_write(&einval, &TunWrite { count: 1, ..run }, &mut stats, &mut coalesce);
+        assert!(coalesce, "a single packet's EINVAL");
+        after_write(&einval, &run, &mut stats, &mut coalesce);
+        after_write(&einval, &run, &mut stats, &mut coalesce);
+        assert!(!coalesce);
+        assert_eq!((stats.tun_write_errors, stats.gro_write_refused), (9, 1), "counted once");
     }
 }

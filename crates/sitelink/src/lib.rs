@@ -136,6 +136,7 @@ pub struct LinkBuilder {
     backend: BackendKind,
     batch: usize,
     workers: usize,
+    offload: bool,
 }
 
 /// The most worker threads a link runs.
@@ -153,6 +154,7 @@ impl LinkBuilder {
             backend: BackendKind::Uring,
             batch: sitelink_io::DEFAULT_BATCH,
             workers: 1,
+            offload: true,
         }
     }
 
@@ -180,6 +182,17 @@ impl LinkBuilder {
     /// `SO_MARK` for the link's datagrams.
     pub fn fwmark(mut self, mark: u32) -> Self {
         self.udp.fwmark = mark;
+        self
+    }
+
+    /// Segmentation offloads (on by default): TCP and UDP super-packets through the TUN
+    /// device where it was opened with them ([`Tun::open`]), and UDP GRO on receive. Off, the
+    /// link moves one packet per TUN read and write and one datagram per receive (its
+    /// device's offloads are turned off at start), for a kernel whose offloads misbehave.
+    /// UDP GSO on send stays: it has its own fallback, and the peer never sees it.
+    pub fn offload(mut self, on: bool) -> Self {
+        self.offload = on;
+        self.udp.gro = on;
         self
     }
 
@@ -233,8 +246,11 @@ impl LinkBuilder {
     /// Starts the link over a TUN device. With more than one worker, the device must be
     /// multi-queue (`Tun::open(name, true)`): one more queue is attached per worker. A device
     /// that is not runs one worker, and says so in the log.
-    pub fn start_tun(mut self, tun: Tun) -> Result<Link, LinkError> {
+    pub fn start_tun(mut self, mut tun: Tun) -> Result<Link, LinkError> {
         let name = tun.name().to_owned();
+        if !self.offload {
+            tun.disable_offloads().map_err(LinkError::io("turning the TUN offloads off"))?;
+        }
         if self.workers > 1 && !tun.is_multi_queue() {
             tracing::warn!(
                 interface = %name,

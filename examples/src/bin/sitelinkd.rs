@@ -58,6 +58,11 @@ struct Args {
     /// I/O backend: uring (falls back to mmsg where io_uring is unavailable) or mmsg.
     #[arg(long, default_value = "uring", env = "SITELINK_BACKEND")]
     backend: BackendKind,
+    /// No segmentation offloads: the TUN device is opened without a virtio-net header (one
+    /// packet per read and write) and datagrams are received one by one, for a kernel whose
+    /// offloads misbehave.
+    #[arg(long, env = "SITELINK_NO_OFFLOAD")]
+    no_offload: bool,
     /// For tests and fault drills: multiply every protocol timer by this (0.025 rekeys every
     /// 3 s). Both ends must agree. Never use it on a production link.
     #[arg(long, env = "SITELINK_TEST_TIME_SCALE", hide = true)]
@@ -179,11 +184,8 @@ fn run(args: &Args) -> Result<(), DaemonError> {
         })?,
         None => {
             let name = args.ifname.clone();
-            let tun = open_tun(&name, args.workers > 1).map_err(|source| DaemonError::Tun {
-                what: "creating TUN",
-                name: name.clone(),
-                source,
-            })?;
+            let tun = open_tun(&name, args.workers > 1, !args.no_offload)
+                .map_err(|source| DaemonError::Tun { what: "creating TUN", name: name.clone(), source })?;
             tun.set_mtu(args.mtu).map_err(|source| DaemonError::Tun {
                 what: "setting the MTU of",
                 name,
@@ -208,12 +210,16 @@ fn run(args: &Args) -> Result<(), DaemonError> {
                 (l, SocketFile(Some(path)))
             }
         };
-    let mut builder =
-        LinkBuilder::unkeyed().backend(args.backend).mtu(mtu).workers(usize::from(args.workers));
+    let mut builder = LinkBuilder::unkeyed()
+        .backend(args.backend)
+        .mtu(mtu)
+        .workers(usize::from(args.workers))
+        .offload(!args.no_offload);
     if let Some(f) = args.time_scale {
         tracing::warn!(factor = f, "protocol timers scaled for testing");
         builder = builder.timing(sitelink::Timing::scaled(f));
     }
+    let offloads = tun.offloads();
     let link = builder.start_tun(tun)?;
     if let Some(path) = &args.config {
         apply_config(&link, path)?;
@@ -223,6 +229,8 @@ fn run(args: &Args) -> Result<(), DaemonError> {
         backend = link.backend().name(),
         workers = link.workers(),
         port = link.port(),
+        tso = offloads.tso && !args.no_offload,
+        uso = offloads.uso && !args.no_offload,
         "sitelinkd running"
     );
     let link = Arc::new(link);
@@ -306,11 +314,16 @@ fn apply_config(link: &sitelink::Link, path: &std::path::Path) -> Result<(), Dae
 
 /// Opens the TUN interface, waiting a little while it is still held by a process that just
 /// exited (the kernel may release it asynchronously).
-fn open_tun(name: &str, multi_queue: bool) -> std::io::Result<Tun> {
+fn open_tun(name: &str, multi_queue: bool, offload: bool) -> std::io::Result<Tun> {
     const EBUSY: i32 = 16;
     let start = Instant::now();
     loop {
-        match Tun::open(name, multi_queue) {
+        let opened = if offload {
+            Tun::open(name, multi_queue)
+        } else {
+            Tun::open_without_offloads(name, multi_queue)
+        };
+        match opened {
             Err(e) if e.raw_os_error() == Some(EBUSY) && start.elapsed() < Duration::from_secs(3) => {
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -12,8 +12,14 @@ pub const SITELINKD: &str = env!("CARGO_BIN_EXE_sitelinkd");
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Impl {
     Sitelink(&'static str),
+    /// Debian's wireguard-go 0.0.20220316 (no offloads).
     WireguardGo,
+    /// wireguard-go 0.0.20231211 (TUN TSO/GRO, UDP GSO/GRO), installed by
+    /// ../shared/bench/install-peers.sh as `wireguard-go-2023`.
+    WireguardGo2023,
     Boringtun,
+    /// gotatun 0.10 (Mullvad's Rust WireGuard), installed by install-peers.sh.
+    Gotatun,
 }
 
 pub fn in_ci() -> bool {
@@ -67,6 +73,8 @@ pub struct Pair {
     pub ifname: [String; 2],
     pub procs: [Option<Child>; 2],
     pub env: Vec<(String, String)>,
+    /// Environment for one side's implementation only.
+    pub side_env: [Vec<(String, String)>; 2],
     /// Extra command-line arguments for sitelinkd, per side.
     pub extra_args: [Vec<String>; 2],
     /// The veth ends, in namespace A and B.
@@ -86,6 +94,7 @@ impl Pair {
             ifname: [format!("sla{id}"), format!("slb{id}")],
             procs: [None, None],
             env: Vec::new(),
+            side_env: Default::default(),
             extra_args: Default::default(),
             veth: [format!("va{id}"), format!("vb{id}")],
             keys: Default::default(),
@@ -124,12 +133,18 @@ impl Pair {
             Impl::WireguardGo => {
                 cmd.args(["wireguard-go", "-f", ifname]).env("WG_PROCESS_FOREGROUND", "1");
             }
+            Impl::WireguardGo2023 => {
+                cmd.args(["wireguard-go-2023", "-f", ifname]).env("WG_PROCESS_FOREGROUND", "1");
+            }
             Impl::Boringtun => {
                 cmd.args(["boringtun-cli", "-f", "--disable-drop-privileges", "-t", "1", ifname])
                     .env("WG_SUDO", "1");
             }
+            Impl::Gotatun => {
+                cmd.args(["gotatun", "-f", "--disable-drop-privileges", ifname]);
+            }
         }
-        for (k, v) in &self.env {
+        for (k, v) in self.env.iter().chain(&self.side_env[side]) {
             cmd.env(k, v);
         }
         let child =
@@ -406,7 +421,9 @@ pub fn needs(imp: Impl) -> Vec<&'static str> {
     let mut n = vec!["ip", "wg", "python3"];
     match imp {
         Impl::WireguardGo => n.push("wireguard-go"),
+        Impl::WireguardGo2023 => n.push("wireguard-go-2023"),
         Impl::Boringtun => n.push("boringtun-cli"),
+        Impl::Gotatun => n.push("gotatun"),
         Impl::Sitelink(_) => {}
     }
     n

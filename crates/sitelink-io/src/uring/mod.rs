@@ -239,7 +239,7 @@ impl UringIo {
                 let write = TunWrite { count: packets, skip: 0, ok: true };
                 let result =
                     if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) };
-                vnet.coalesce &= crate::vnet::after_write(&result, &write, stats);
+                crate::vnet::after_write(&result, &write, stats, &mut vnet.coalesce);
             }
             Event::Received(d, segment) if *gro => {
                 // Cut up in the worker's turn, into its pool's buffers.
@@ -258,6 +258,7 @@ impl UringIo {
                     if result == -libc::EIO && *gso {
                         tracing::warn!("UDP GSO refused by the kernel (EIO); sending datagrams one by one");
                         *gso = false;
+                        stats.gso_send_refused += 1;
                     }
                     stats.udp_send_errors += datagrams as u64;
                     if socket != 0 && crate::peers::is_stale(-result) && !stale.contains(&socket) {
@@ -491,6 +492,15 @@ impl PacketIo for UringIo {
                     None => Socket::Shared,
                 };
                 self.stats.send_calls += 1;
+                if g.segment != 0 && self.gso && crate::faults::refused(crate::Fault::GsoSend) {
+                    // A forced refusal: what the kernel's EIO completion does (see `reap`).
+                    tracing::warn!("UDP GSO refused by the kernel (EIO); sending datagrams one by one");
+                    self.gso = false;
+                    self.stats.gso_send_refused += 1;
+                    self.stats.udp_send_errors += self.send_bufs.len() as u64;
+                    self.done.append(&mut self.send_bufs);
+                    continue;
+                }
                 if let Err(e) = self.ring.send(socket, to, ipv6, &mut self.send_bufs, g.segment) {
                     self.done.append(&mut self.send_bufs);
                     return Err(e);
@@ -532,7 +542,7 @@ impl PacketIo for UringIo {
                 let result = Err(io::Error::from_raw_os_error(libc::EINVAL));
                 let counted = TunWrite { count: self.vnet.run.len(), ..write };
                 if write.ok {
-                    self.vnet.coalesce &= crate::vnet::after_write(&result, &counted, &mut self.stats);
+                    crate::vnet::after_write(&result, &counted, &mut self.stats, &mut self.vnet.coalesce);
                 } else {
                     self.stats.tun_write_errors += counted.count as u64;
                 }
