@@ -7,8 +7,10 @@ use crate::FrameError;
 pub const DEFAULT_HEADROOM: usize = 64;
 
 /// Tailroom a fresh buffer keeps after an MTU-sized payload: up to 15 bytes of padding and the
-/// 16-byte AEAD tag, rounded up.
-pub const DEFAULT_TAILROOM: usize = 32;
+/// 16-byte AEAD tag on the way out; and 16 bytes more, so that a received message whose
+/// plaintext a peer padded up to a multiple of 16 past the MTU (the protocol allows it, and
+/// gotatun does it: 1,420 bytes padded to 1,424) still fits whole.
+pub const DEFAULT_TAILROOM: usize = 48;
 
 /// One piece of packet memory: `[headroom | data | tailroom]`.
 ///
@@ -229,6 +231,13 @@ impl BufPool {
                 PacketBuf::new(self.capacity, self.headroom)
             }
         }
+    }
+
+    /// A free buffer if the pool holds one, never allocating: for memory of a fixed size
+    /// (a pool [`prefill`](Self::prefill)ed once) that must not grow.
+    #[inline]
+    pub fn try_get(&mut self) -> Option<PacketBuf> {
+        self.free.pop()
     }
 
     /// Returns a buffer to the pool. Buffers of another size, or past `max_free`, are freed.

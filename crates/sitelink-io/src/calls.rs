@@ -54,7 +54,8 @@ pub(crate) fn group_for_gso(dgrams: &[Datagram], gso: bool, groups: &mut Vec<Sen
 
 /// Receives one `recvmmsg` makes on a socket with UDP GRO on: each into a buffer of
 /// [`GRO_READ_MAX`](crate::gro::GRO_READ_MAX) bytes, reused call after call.
-const GRO_BATCH: usize = 16;
+/// (8 runs of at most 64 datagrams: a turn's worth, see [`crate::vnet::TURN_PACKETS`].)
+const GRO_BATCH: usize = 8;
 
 /// One `recvmmsg` or `sendmmsg` call's worth of headers, buffers and results, reused call
 /// after call.
@@ -253,7 +254,8 @@ impl MmsgCalls {
 
 /// Reads packets from a packet descriptor into pooled buffers, keeping each buffer's tailroom
 /// free for padding and tag; with a virtio-net header, each read (a packet or super-packet)
-/// is split into pooled buffers ([`VnetSide::read_one`]). Returns whether the batch of reads
+/// is split into pooled buffers ([`VnetSide::read_one`]), until a turn's worth
+/// ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) has come. Returns whether the batch of reads
 /// filled (more may be waiting).
 pub(crate) fn read_packet_batch(
     fd: &PacketFd,
@@ -263,7 +265,11 @@ pub(crate) fn read_packet_batch(
     stats: &mut IoStats,
     vnet: &mut VnetSide,
 ) -> io::Result<bool> {
+    let start = out.len();
     for _ in 0..batch {
+        if out.len() - start >= crate::vnet::TURN_PACKETS {
+            return Ok(true);
+        }
         let result = if vnet.vnet_hdr {
             vnet.read_one(fd.as_fd(), pool, out, stats)
         } else {

@@ -6,6 +6,8 @@
 
 use std::net::SocketAddr;
 
+#[cfg(test)]
+use sitelink_frame::PacketBuf;
 use sitelink_frame::{BufPool, Datagram};
 
 use crate::stats::IoStats;
@@ -40,6 +42,25 @@ pub(crate) fn gro_segment(control: &[u8]) -> Option<u16> {
         at += len.next_multiple_of(ALIGN);
     }
     None
+}
+
+/// A lone datagram this small (a ping's, an acknowledgement's, a keepalive's, a handshake's
+/// cookie reply: not a bulk transfer's) may go ahead of held runs.
+pub(crate) const SMALL_DATAGRAM: usize = 256;
+
+/// Which of the held receives `runs` (a buffer and its segment size, in arrival order) may go
+/// ahead of the others: a lone datagram of at most [`SMALL_DATAGRAM`] bytes behind a run of
+/// several. What a bulk transfer's runs hold back is then a turn's wait for it at most. (Small
+/// datagrams are not all of other flows, but a bulk flow's are few: at worst one segment of it
+/// arrives before its elders, which TCP takes as reordering, not loss.) Marks them in `ahead`.
+pub(crate) fn small_first(runs: &[(Datagram, u16)], ahead: &mut [bool]) {
+    let mut behind_a_run = false;
+    for ((run, segment), ahead) in runs.iter().zip(ahead.iter_mut()) {
+        let len = run.buf.len();
+        let lone = *segment == 0 || len <= usize::from(*segment);
+        *ahead = behind_a_run && lone && len <= SMALL_DATAGRAM;
+        behind_a_run |= !lone;
+    }
 }
 
 /// Cuts what one receive brought (`data`, from `addr`) into datagrams of `segment` bytes (the
@@ -105,6 +126,18 @@ mod tests {
         bad[0] = 200;
         assert_eq!(gro_segment(&bad), None);
         assert_eq!(gro_segment(&bad[..10]), None);
+    }
+
+    #[test]
+    fn small_lone_datagrams_behind_a_run_go_first() {
+        let addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let d = |len: usize, segment: u16| {
+            (Datagram { addr, buf: PacketBuf::from_slice(&vec![0; len]) }, segment)
+        };
+        let held = [d(128, 0), d(4000, 1000), d(128, 0), d(1400, 0), d(96, 96), d(500, 100)];
+        let mut ahead = [false; 6];
+        small_first(&held, &mut ahead);
+        assert_eq!(ahead, [false, false, true, false, true, false]);
     }
 
     #[test]

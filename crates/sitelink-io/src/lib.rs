@@ -106,6 +106,12 @@ pub fn open_backend(
     }
 }
 
+/// Asks the scheduler for short slices for the calling thread (a link's worker): see
+/// [`request_slice`](crate::sys) in `sys`. Older kernels refuse or ignore it.
+pub fn request_short_slices(slice: std::time::Duration) -> io::Result<()> {
+    sys::request_slice(slice)
+}
+
 /// Whether this process runs as root (netns and TUN tests need it).
 pub fn is_root() -> bool {
     sys::is_root()

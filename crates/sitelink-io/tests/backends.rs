@@ -178,6 +178,43 @@ fn waker_and_truncation(kind: Flavor) {
     assert_eq!(r.io.stats().udp_truncated, 1, "{:?}", r.io.stats());
 }
 
+/// A peer may pad a full-sized packet up to a multiple of 16 past our MTU (gotatun does:
+/// 1,420 bytes padded to 1,424): its 1,456-byte message still arrives whole.
+fn padded_past_the_mtu(kind: Flavor) {
+    let Some(mut r) = rig(kind) else { return };
+    let largest = 16 + 1420_usize.next_multiple_of(16) + 16;
+    r.peer.send_to(&vec![9u8; largest], r.addr()).expect("send");
+    let got = r.recv(1);
+    assert_eq!(got.len(), 1, "{:?}", r.io.stats());
+    assert_eq!(got[0].buf.len(), largest);
+    assert_eq!(r.io.stats().udp_truncated, 0);
+}
+
+/// A run of equal datagrams sent with GSO comes in through UDP GRO as one receive, and is cut
+/// back into the datagrams, in order and intact (loopback keeps a GSO send whole).
+fn gro_runs_are_cut_into_datagrams(kind: Flavor) {
+    let Some(mut rx) = rig(kind) else { return };
+    let Some(mut tx) = rig(kind) else { return };
+    let to = rx.addr();
+    let mut out: Vec<Datagram> = (0..40u8)
+        .map(|i| Datagram {
+            addr: to,
+            buf: PacketBuf::from_slice(&vec![i; if i == 39 { 500 } else { 1200 }]),
+        })
+        .collect();
+    tx.io.send_datagrams(&mut out, &mut tx.pool).expect("send");
+    tx.flush();
+    let got = rx.recv(40);
+    assert_eq!(got.len(), 40, "{:?}", rx.io.stats());
+    for (i, d) in got.iter().enumerate() {
+        assert_eq!(d.buf.data(), &vec![i as u8; if i == 39 { 500 } else { 1200 }][..], "datagram {i}");
+        assert_eq!(d.addr.port(), tx.io.port());
+    }
+    let s = rx.io.stats();
+    assert!(s.udp_gro_reads >= 1, "no run came in whole: {s:?}");
+    assert_eq!((s.udp_rx, s.udp_truncated, s.udp_gro_refused), (40, 0, 0));
+}
+
 fn replace_socket(kind: Flavor) {
     let Some(mut r) = rig(kind) else { return };
     r.flush();
@@ -395,6 +432,8 @@ macro_rules! suite {
                     #[test] fn packets() { packets_both_ways($kind) }
                     #[test] fn waker_and_truncation() { super::waker_and_truncation($kind) }
                     #[test] fn replace_socket() { super::replace_socket($kind) }
+                    #[test] fn padded_past_the_mtu() { super::padded_past_the_mtu($kind) }
+                    #[test] fn gro_runs_are_cut_into_datagrams() { super::gro_runs_are_cut_into_datagrams($kind) }
                     #[test] fn flood_keeps_buffers_bounded() { super::flood_keeps_buffers_bounded($kind) }
                     #[test] fn peer_sockets() { super::peer_sockets($kind) }
                     #[test] fn peer_sockets_need_reuse_port() { super::peer_sockets_need_reuse_port($kind) }

@@ -104,6 +104,11 @@ const PEER_SOCKET_RETRY: Duration = Duration::from_secs(30);
 /// Vectors are sized for the largest batch a backend moves per call.
 const VEC_CAPACITY: usize = 1024;
 
+/// The scheduler slice a worker asks for (`sitelink_io::request_short_slices`): a worker woken
+/// by a packet then runs before a busy thread's slice ends (on a small machine, the
+/// application's own), which is most of a ping's wait through a loaded link.
+const WORKER_SLICE: Duration = Duration::from_micros(100);
+
 /// Runs worker `index` until the link stops. If the worker panics, whatever the cause, the
 /// panic is logged as an error, kept as the link's failure, and every worker is stopped: the
 /// engine the worker held may be half-updated, so no one goes on with it, and a link that
@@ -147,6 +152,10 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
     let mut endpoints_wanted = 0u64;
     let mut last_connect = Instant::now();
 
+    if let Err(e) = sitelink_io::request_short_slices(WORKER_SLICE) {
+        // Kernels before 6.12 (no EEVDF slices) refuse it; the link works the same.
+        tracing::debug!(error = %e, "the scheduler refused a short slice");
+    }
     let mut deadline = lock(&shared.device).next_deadline();
     while !shared.stop.load(Ordering::Relaxed) {
         let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));

@@ -111,11 +111,22 @@ impl Provided {
         })
     }
 
-    /// Lends a fresh pool buffer for every consumed id.
-    pub(super) fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
+    /// Lends a fresh pool buffer for every consumed id; with `fixed`, only the pool's free
+    /// buffers (it never allocates, and ids wait for buffers to come back).
+    pub(super) fn refill(&mut self, pool: &mut BufPool, fixed: bool) -> io::Result<()> {
         let mut pushed = false;
         while let Some(bid) = self.to_provide.pop() {
-            let mut buf = pool.get();
+            let mut buf = if fixed {
+                match pool.try_get() {
+                    Some(buf) => buf,
+                    None => {
+                        self.to_provide.push(bid);
+                        break;
+                    }
+                }
+            } else {
+                pool.get()
+            };
             if buf.headroom() < self.prefix {
                 pool.put(buf);
                 self.to_provide.push(bid);

@@ -55,6 +55,10 @@ const BGID_TUN: u16 = 8;
 pub(crate) const RECV_PREFIX: usize = 16 + size_of::<libc::sockaddr_in6>();
 
 const _: () = assert!(RECV_PREFIX <= DEFAULT_HEADROOM, "the pool's headroom holds the recvmsg prefix");
+const _: () =
+    assert!(LARGE_TUN_ENTRIES as usize <= crate::vnet::MAX_HELD_READS, "the backend can hold every read");
+const _: () =
+    assert!(LARGE_UDP_ENTRIES as usize <= crate::vnet::MAX_HELD_READS, "the backend can hold every run");
 
 /// The same with room for the `UDP_GRO` control message, when the sockets have GRO on.
 const RECV_PREFIX_GRO: usize = RECV_PREFIX + crate::gro::GRO_CMSG_SPACE;
@@ -264,17 +268,19 @@ impl Ring {
         ring.submitter().register_files(&[packets.map_or(-1, |p| p.as_raw_fd()), udp.as_raw_fd()])?;
         let ring_entries = provided_entries(batch) as u16;
         let (udp_bufs, udp_pool, recv_prefix) = if udp_gro {
-            let pool = BufPool::new(
+            let mut pool = BufPool::new(
                 RECV_PREFIX_GRO + crate::gro::GRO_READ_MAX,
                 RECV_PREFIX_GRO,
-                usize::from(LARGE_UDP_ENTRIES) + 4,
+                usize::from(LARGE_UDP_ENTRIES),
             );
+            pool.prefill(usize::from(LARGE_UDP_ENTRIES));
             (Provided::new(LARGE_UDP_ENTRIES, BGID_UDP, RECV_PREFIX_GRO, 0)?, Some(pool), RECV_PREFIX_GRO)
         } else {
             (Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?, None, RECV_PREFIX)
         };
         let (tun_bufs, tun_pool) = if vnet_hdr {
-            let pool = BufPool::new(crate::vnet::READ_MAX, 0, usize::from(LARGE_TUN_ENTRIES) + 4);
+            let mut pool = BufPool::new(crate::vnet::READ_MAX, 0, usize::from(LARGE_TUN_ENTRIES));
+            pool.prefill(usize::from(LARGE_TUN_ENTRIES));
             (Provided::new(LARGE_TUN_ENTRIES, BGID_TUN, 0, 0)?, Some(pool))
         } else {
             (Provided::new(ring_entries, BGID_TUN, 0, DEFAULT_TAILROOM)?, None)
@@ -389,9 +395,17 @@ impl Ring {
     }
 
     /// Lends fresh pool buffers to both buffer rings for every one consumed.
+    /// (The ring's own pools of large buffers are fixed: a buffer the backend still holds is
+    /// not replaced, so that holding input back bounds what the kernel may add.)
     pub(crate) fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
-        self.udp_bufs.refill(self.udp_pool.as_mut().unwrap_or(pool))?;
-        self.tun_bufs.refill(self.tun_pool.as_mut().unwrap_or(pool))
+        match &mut self.udp_pool {
+            Some(own) => self.udp_bufs.refill(own, true)?,
+            None => self.udp_bufs.refill(pool, false)?,
+        }
+        match &mut self.tun_pool {
+            Some(own) => self.tun_bufs.refill(own, true),
+            None => self.tun_bufs.refill(pool, false),
+        }
     }
 
     /// Takes back a UDP receive buffer of the ring's own pool (with GRO), once its datagrams
@@ -656,7 +670,12 @@ impl Ring {
                             event(Event::Packet(buf));
                         }
                         (buf, n) => {
-                            done.extend(buf);
+                            if let Some(buf) = buf {
+                                match &mut self.tun_pool {
+                                    Some(own) => own.put(buf),
+                                    None => done.push(buf),
+                                }
+                            }
                             if n < 0 && ![libc::ECANCELED, libc::EAGAIN, libc::ENOBUFS].contains(&-n) {
                                 event(Event::ReadFailed(-n));
                             }
@@ -683,8 +702,13 @@ impl Ring {
                         continue;
                     };
                     let Some(mut buf) = self.udp_bufs.take(bid) else { continue };
+                    // An unused buffer of the ring's own goes back to its pool.
+                    let mut unused = |buf: PacketBuf| match &mut self.udp_pool {
+                        Some(own) => own.put(buf),
+                        None => done.push(buf),
+                    };
                     if result < 0 {
-                        done.push(buf);
+                        unused(buf);
                         continue;
                     }
                     let n = (result as usize).min(buf.spare_mut().len());
@@ -713,7 +737,7 @@ impl Ring {
                             event(Event::Received(Datagram { addr, buf }, segment));
                         }
                         _ => {
-                            done.push(buf);
+                            unused(buf);
                             event(Event::Truncated);
                         }
                     }

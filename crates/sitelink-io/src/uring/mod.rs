@@ -41,7 +41,7 @@ use crate::stats::IoStats;
 use crate::sys::SendGroup;
 use crate::sys::ring::{Event, Ring, Socket};
 use crate::tun::PacketFd;
-use crate::vnet::{TunWrite, VnetSide};
+use crate::vnet::{MAX_HELD_READS, TURN_PACKETS, TunWrite, VnetSide};
 use crate::waker::Waker;
 
 pub use readiness::DEFAULT_IDLE_AFTER;
@@ -423,9 +423,33 @@ impl PacketIo for UringIo {
         // (Handing out only part of it while refilling the ring every turn let the backlog,
         // and the buffers it holds, grow without bound under a sustained flood.)
         out.append(&mut self.ready_datagrams);
-        for (run, segment) in self.ready_runs.drain(..) {
-            crate::gro::split_datagrams(run.addr, run.buf.data(), segment, pool, out, &mut self.stats);
-            self.ring.recycle_udp_buf(run.buf);
+        // Runs are cut up a turn's worth at a time ([`TURN_PACKETS`]); the rest wait, and the
+        // ring's buffers they hold are not replaced meanwhile. Small lone datagrams go first
+        // (`gro::small_first`): a ping or an acknowledgement waits for no bulk run.
+        let start = out.len();
+        let held = self.ready_runs.len();
+        let mut taken = [false; MAX_HELD_READS];
+        crate::gro::small_first(&self.ready_runs, &mut taken[..held]);
+        for ((run, segment), _) in self.ready_runs.iter().zip(&taken).filter(|(_, t)| **t) {
+            crate::gro::split_datagrams(run.addr, run.buf.data(), *segment, pool, out, &mut self.stats);
+        }
+        for ((run, segment), taken) in self.ready_runs.iter().zip(taken.iter_mut()) {
+            if out.len() - start >= TURN_PACKETS {
+                break;
+            }
+            if !*taken {
+                crate::gro::split_datagrams(run.addr, run.buf.data(), *segment, pool, out, &mut self.stats);
+                *taken = true;
+            }
+        }
+        let mut i = 0;
+        for t in &taken[..held] {
+            if *t {
+                let (run, _) = self.ready_runs.remove(i);
+                self.ring.recycle_udp_buf(run.buf);
+            } else {
+                i += 1;
+            }
         }
         let result = self.idle_recv_ready(pool, out);
         self.refill(pool)?;
@@ -435,9 +459,32 @@ impl PacketIo for UringIo {
     fn read_packets(&mut self, pool: &mut BufPool, out: &mut Vec<PacketBuf>) -> io::Result<()> {
         self.recycle_done(pool);
         out.append(&mut self.ready_packets);
-        for raw in self.ready_reads.drain(..) {
+        // Super-packets are split a turn's worth at a time, as runs are above; single packets
+        // of other flows go first (`sparse_first`).
+        let start = out.len();
+        let held = self.ready_reads.len();
+        let mut taken = [false; MAX_HELD_READS];
+        crate::vnet::sparse_first(&self.ready_reads, &mut taken[..held]);
+        for (raw, _) in self.ready_reads.iter().zip(&taken).filter(|(_, t)| **t) {
             crate::vnet::split_read(raw.data(), pool, out, &mut self.stats);
-            self.ring.recycle_tun_buf(raw);
+        }
+        for (raw, taken) in self.ready_reads.iter().zip(taken.iter_mut()) {
+            if out.len() - start >= TURN_PACKETS {
+                break;
+            }
+            if !*taken {
+                crate::vnet::split_read(raw.data(), pool, out, &mut self.stats);
+                *taken = true;
+            }
+        }
+        let mut i = 0;
+        for t in &taken[..held] {
+            if *t {
+                let raw = self.ready_reads.remove(i);
+                self.ring.recycle_tun_buf(raw);
+            } else {
+                i += 1;
+            }
         }
         if let Some(e) = self.tun_read_error.take() {
             // Re-armed at the next turn, not now: a broken descriptor would fail again at once.
