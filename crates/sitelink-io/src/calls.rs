@@ -68,6 +68,10 @@ pub(crate) struct MmsgCalls {
     batch: usize,
     /// With UDP GRO on: the large receive buffers and each receive's segment size.
     gro: Option<(Vec<PacketBuf>, Vec<u16>)>,
+    /// Of the last GRO `recvmmsg`: how many receives came, and how many are cut up (the rest
+    /// wait for the next call: a turn's worth at a time, as the uring backend does).
+    gro_got: usize,
+    gro_cut: usize,
 }
 
 impl MmsgCalls {
@@ -80,12 +84,16 @@ impl MmsgCalls {
             truncated: vec![false; batch],
             batch,
             gro: None,
+            gro_got: 0,
+            gro_cut: 0,
         }
     }
 
     /// Receives runs of datagrams (the sockets have UDP GRO on) into large buffers, cut into
     /// pooled ones; or, with `false`, one datagram per pooled buffer.
     pub(crate) fn set_gro(&mut self, on: bool) {
+        self.gro_got = 0;
+        self.gro_cut = 0;
         self.gro = on.then(|| {
             let n = GRO_BATCH.min(self.batch);
             let bufs = (0..n).map(|_| PacketBuf::new(crate::gro::GRO_READ_MAX, 0)).collect();
@@ -138,7 +146,9 @@ impl MmsgCalls {
     }
 
     /// [`recv`](Self::recv) with UDP GRO on: each receive may be a run of datagrams, cut into
-    /// pooled buffers ([`crate::gro::split_datagrams`]).
+    /// pooled buffers ([`crate::gro::split_datagrams`]) up to a turn's worth
+    /// ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) a call; what a `recvmmsg` brought beyond
+    /// that is cut at the next call (from whichever socket) before anything new is received.
     fn recv_runs(
         &mut self,
         sock: BorrowedFd<'_>,
@@ -146,6 +156,10 @@ impl MmsgCalls {
         out: &mut Vec<Datagram>,
         stats: &mut IoStats,
     ) -> (bool, io::Result<()>) {
+        let start = out.len();
+        if self.cut_runs(start, pool, out, stats) {
+            return (true, Ok(()));
+        }
         let (bufs, segments) = self.gro.as_mut().expect("GRO on");
         let got = match self.msgs.recv(sock, bufs, &mut self.addrs, &mut self.truncated, Some(segments)) {
             Ok(n) => n,
@@ -157,15 +171,54 @@ impl MmsgCalls {
                 return (true, if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) });
             }
         };
-        for i in 0..got {
+        let full = got == bufs.len();
+        self.gro_got = got;
+        self.gro_cut = 0;
+        let more = self.cut_runs(start, pool, out, stats);
+        (full || more, Ok(()))
+    }
+
+    /// Whether receives of the last GRO `recvmmsg` wait to be cut up ([`cut_held`](Self::cut_held)).
+    pub(crate) fn has_held(&self) -> bool {
+        self.gro_cut < self.gro_got
+    }
+
+    /// Cuts up a turn's worth of held receives into `out` (for a backend that stopped calling
+    /// [`recv`](Self::recv): the uring backend back in its ring mode); returns whether some
+    /// are still held.
+    pub(crate) fn cut_held(
+        &mut self,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+        stats: &mut IoStats,
+    ) -> bool {
+        self.cut_runs(out.len(), pool, out, stats)
+    }
+
+    /// Cuts up held receives until `out` has grown by a turn's worth since `start`; returns
+    /// whether some are still held.
+    fn cut_runs(
+        &mut self,
+        start: usize,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+        stats: &mut IoStats,
+    ) -> bool {
+        let Some((bufs, segments)) = self.gro.as_ref() else { return false };
+        while self.gro_cut < self.gro_got {
+            if out.len() - start >= crate::vnet::TURN_PACKETS {
+                return true;
+            }
+            let i = self.gro_cut;
             match (self.addrs[i], self.truncated[i]) {
                 (Some(addr), false) => {
                     crate::gro::split_datagrams(addr, bufs[i].data(), segments[i], pool, out, stats);
                 }
                 _ => stats.udp_truncated += 1,
             }
+            self.gro_cut += 1;
         }
-        (got == bufs.len(), Ok(()))
+        false
     }
 
     /// Sends `dgrams` (drained, their buffers back to `pool`): runs of equal datagrams to one

@@ -300,6 +300,7 @@ impl UringIo {
             || !self.ready_reads.is_empty()
             || !self.ready_datagrams.is_empty()
             || !self.ready_runs.is_empty()
+            || self.quiet.calls.has_held()
             || self.quiet.ready != 0
             || std::mem::take(&mut self.woken)
             || self.tun_read_error.is_some()
@@ -365,6 +366,7 @@ impl PacketIo for UringIo {
             || !self.ready_reads.is_empty()
             || !self.ready_datagrams.is_empty()
             || !self.ready_runs.is_empty()
+            || self.quiet.calls.has_held()
         {
             self.ring.submit(0)?;
             self.reap();
@@ -427,6 +429,10 @@ impl PacketIo for UringIo {
         // ring's buffers they hold are not replaced meanwhile. Small lone datagrams go first
         // (`gro::small_first`): a ping or an acknowledgement waits for no bulk run.
         let start = out.len();
+        if !self.quiet.active && self.quiet.calls.has_held() {
+            // What readiness mode received before the ring came back is older: first.
+            self.quiet.calls.cut_held(pool, out, &mut self.stats);
+        }
         let held = self.ready_runs.len();
         let mut taken = [false; MAX_HELD_READS];
         crate::gro::small_first(&self.ready_runs, &mut taken[..held]);

@@ -72,6 +72,7 @@ impl Device {
                     }
                 };
                 self.by_key.insert(config.public_key, pid);
+                self.reserve_timer_queue();
                 pid
             }
         };

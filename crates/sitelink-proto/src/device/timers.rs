@@ -97,6 +97,16 @@ impl Device {
         }
     }
 
+    /// Grows the timer queue's capacity with the peers (a peer's timers each take an entry,
+    /// and a timer pulled earlier a second one until the first is tidied), at least 64, so
+    /// that arming a timer on the data path does not allocate.
+    pub(super) fn reserve_timer_queue(&mut self) {
+        let want = (Timer::ALL.len() * self.peers.len()).max(64);
+        if self.timer_queue.capacity() < want {
+            self.timer_queue.reserve_exact(want - self.timer_queue.len());
+        }
+    }
+
     /// Sets `pid`'s timer `t` to `at`, queueing an entry for it unless one is queued at or
     /// before `at` (a timer pushed back, as most are on every packet, costs no queue work).
     pub(super) fn arm(&mut self, pid: PeerId, t: Timer, at: Instant) {
