@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Impl, Pair, can_run, needs};
+use common::{Impl, Pair, can_run, io_counter, needs};
 
 /// sitelinkd (backend `backend`) on side A, `peer` on side B; `initiator` sends first.
 fn link_test(backend: &'static str, peer: Impl, initiator: usize) {
@@ -338,14 +338,6 @@ fn uapi_refusals_get_an_errno_and_a_log_line() {
     assert_eq!(refusals.len(), 2, "wanted a log line per refusal: {log}");
     assert!(refusals[0].contains("longer than"), "{}", refusals[0]);
     assert!(refusals[1].contains("listen_port"), "{}", refusals[1]);
-}
-
-/// A counter of the `io` block (the backends' `IoStats`) in sitelinkd's final counters line.
-fn io_counter(line: &str, name: &str) -> u64 {
-    let start =
-        line.find(&format!(" {name}: ")).unwrap_or_else(|| panic!("{name} not in {line}")) + name.len() + 3;
-    let digits: String = line[start..].chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().expect("a count")
 }
 
 /// sitelinkd with a peer that has segmentation offloads of its own: the usual checks, and on

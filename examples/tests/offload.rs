@@ -8,15 +8,7 @@
 
 mod common;
 
-use common::{Impl, Pair, can_run, needs};
-
-/// A counter of the `io` block in sitelinkd's final counters line.
-fn io_counter(line: &str, name: &str) -> u64 {
-    let start =
-        line.find(&format!(" {name}: ")).unwrap_or_else(|| panic!("{name} not in {line}")) + name.len() + 3;
-    let digits: String = line[start..].chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().expect("a count")
-}
+use common::{Impl, Pair, can_run, io_counter, needs};
 
 /// sitelinkd on both sides (`backend` on side A), side A started with `refuse` forced and
 /// `args`; TCP both ways. Returns side A's final counters line and its log.

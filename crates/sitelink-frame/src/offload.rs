@@ -266,6 +266,9 @@ pub fn segment(
     pool: &mut BufPool,
     out: &mut Vec<PacketBuf>,
 ) -> Result<usize, OffloadError> {
+    if packet.is_empty() {
+        return Err(OffloadError::Truncated);
+    }
     if hdr.gso_type == VirtioNetHdr::GSO_NONE && hdr.flags & VirtioNetHdr::NEEDS_CSUM == 0 {
         // One whole packet of any protocol (ICMP, a fragment, ...): copied as it is.
         let mut buf = pool.get();
@@ -753,6 +756,8 @@ mod tests {
             .unwrap();
         assert_eq!(segment(&icmp[..n], &VirtioNetHdr::default(), &mut pool, &mut out), Ok(1));
         assert_eq!(out[0].data(), &icmp[..n]);
+        // A header and no packet is an error, not an empty packet.
+        assert_eq!(segment(&[], &VirtioNetHdr::default(), &mut pool, &mut out), Err(OffloadError::Truncated));
         // With a partial checksum to finish, it must be TCP or UDP.
         let partial = VirtioNetHdr { flags: VirtioNetHdr::NEEDS_CSUM, ..Default::default() };
         assert!(segment(&icmp[..n], &partial, &mut pool, &mut out).is_err());

@@ -57,6 +57,17 @@ pub(crate) fn group_for_gso(dgrams: &[Datagram], gso: bool, groups: &mut Vec<Sen
 /// (8 runs of at most 64 datagrams: a turn's worth, see [`crate::vnet::TURN_PACKETS`].)
 const GRO_BATCH: usize = 8;
 
+/// What a failed `recvmmsg` means for [`MmsgCalls::recv`]'s answer: nothing waiting, or an
+/// error counted. Pending ICMP errors (port unreachable from an old send) surface here; they
+/// are counted and the socket stays usable.
+fn recv_failed(e: io::Error, stats: &mut IoStats) -> (bool, io::Result<()>) {
+    if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
+        return (false, Ok(()));
+    }
+    stats.udp_recv_errors += 1;
+    (true, if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) })
+}
+
 /// One `recvmmsg` or `sendmmsg` call's worth of headers, buffers and results, reused call
 /// after call.
 pub(crate) struct MmsgCalls {
@@ -119,15 +130,7 @@ impl MmsgCalls {
         }
         let got = match self.msgs.recv(sock, &mut self.bufs, &mut self.addrs, &mut self.truncated, None) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                return (false, Ok(()));
-            }
-            Err(e) => {
-                // Pending ICMP errors (port unreachable from an old send) surface here; they
-                // are counted and the socket stays usable.
-                stats.udp_recv_errors += 1;
-                return (true, if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) });
-            }
+            Err(e) => return recv_failed(e, stats),
         };
         for i in 0..got {
             let buf = std::mem::replace(&mut self.bufs[i], pool.get());
@@ -163,13 +166,7 @@ impl MmsgCalls {
         let (bufs, segments) = self.gro.as_mut().expect("GRO on");
         let got = match self.msgs.recv(sock, bufs, &mut self.addrs, &mut self.truncated, Some(segments)) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
-                return (false, Ok(()));
-            }
-            Err(e) => {
-                stats.udp_recv_errors += 1;
-                return (true, if e.raw_os_error() == Some(libc::ECONNREFUSED) { Ok(()) } else { Err(e) });
-            }
+            Err(e) => return recv_failed(e, stats),
         };
         let full = got == bufs.len();
         self.gro_got = got;

@@ -472,3 +472,12 @@ impl Drop for GapFlow {
         }
     }
 }
+
+/// A counter of the `io` block (the backends' `IoStats`) in sitelinkd's final counters line
+/// ([`Pair::stop_and_read_counters`]).
+pub fn io_counter(line: &str, name: &str) -> u64 {
+    let start =
+        line.find(&format!(" {name}: ")).unwrap_or_else(|| panic!("{name} not in {line}")) + name.len() + 3;
+    let digits: String = line[start..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().expect("a count")
+}
