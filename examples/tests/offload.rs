@@ -104,3 +104,26 @@ fn with_offloads_both_ways_super_packets_cross_and_runs_come_in() {
         assert_eq!(io_counter(&last, "tun_offload_errors"), 0, "{last}");
     }
 }
+
+/// A burst of one UDP flow's datagrams into the tunnel comes out of the receiver's TUN device
+/// as USO super-packets (the kernel cuts them up for the socket): every datagram arrives whole
+/// and once, and the receiver made coalesced writes though no TCP ran.
+#[test]
+fn udp_runs_are_written_as_super_packets() {
+    for backend in ["uring", "mmsg"] {
+        if !can_run(&needs(Impl::Sitelink(backend))) {
+            return;
+        }
+        let mut pair = Pair::new();
+        pair.start(0, Impl::Sitelink(backend));
+        pair.start(1, Impl::Sitelink("uring"));
+        pair.configure();
+        pair.ns_exec(1, "ping -c 3 -i 0.2 -W 3 10.202.0.1");
+        let (received, duplicates, corrupted) = pair.udp_stream_checked(1, 3000, 30_000);
+        assert_eq!((duplicates, corrupted), (0, 0), "{backend}");
+        assert!(received >= 2700, "{backend}: {received} of 3000 arrived");
+        let last = pair.stop_and_read_counters(0);
+        assert!(io_counter(&last, "tun_gso_writes") > 0, "{backend}: no UDP run written whole: {last}");
+        assert_eq!(io_counter(&last, "tun_write_errors"), 0, "{backend}: {last}");
+    }
+}

@@ -526,6 +526,122 @@ fn mergeable_tcp(p: &[u8]) -> Option<Headers> {
     (csum::finish(acc) == 0).then_some(h)
 }
 
+/// The most datagrams one UDP super-packet written with USO may hold (the kernel's
+/// `UDP_MAX_SEGMENTS` on older kernels).
+pub const MAX_UDP_SEGMENTS: usize = 64;
+
+/// How many of `segments`, from the first, merge into one UDP super-packet of at most
+/// `max_len` bytes for a write with USO: one flow (addresses and ports) with the same IP
+/// fields (TOS/traffic class, TTL/hop limit, no IPv4 options), payloads of one size but a
+/// shorter last one, each with a checksum that verifies (a zero IPv4 checksum, "none", ends a
+/// run: the kernel would give the segments one). 1 when the first merges with nothing.
+pub fn udp_run_len(segments: &[PacketBuf], max_len: usize) -> usize {
+    let Some(first) = segments.first() else { return 0 };
+    let Some(h0) = mergeable_udp(first.data()) else { return 1 };
+    let p0 = first.data();
+    let size = h0.total - h0.ip_len - 8;
+    if size == 0 {
+        return 1;
+    }
+    let mut len = h0.total;
+    let mut n = 1;
+    for seg in &segments[1..] {
+        let p = seg.data();
+        let Some(h) = mergeable_udp(p) else { break };
+        let payload = h.total - h.ip_len - 8;
+        if h.ip_len != h0.ip_len
+            || payload == 0
+            || payload > size
+            || len + payload > max_len
+            || n == MAX_UDP_SEGMENTS
+            || !same_udp_flow(p0, p, &h0)
+        {
+            break;
+        }
+        len += payload;
+        n += 1;
+        if payload < size {
+            break; // a short datagram can only come last
+        }
+    }
+    n
+}
+
+/// As [`coalesce_tcp_in_place`], for a UDP run found by [`udp_run_len`]: the first datagram's
+/// headers become the super-packet's (IP length and IPv4 checksum, UDP length, the UDP
+/// checksum left partial), the others are written from the returned offset (their headers
+/// skipped), and the virtio-net header says `GSO_UDP_L4` with the datagrams' size.
+pub fn coalesce_udp_in_place(segments: &mut [PacketBuf]) -> Result<(VirtioNetHdr, usize), OffloadError> {
+    let first = segments.first().ok_or(OffloadError::Truncated)?.data();
+    let h0 = Headers::parse(first)?;
+    if h0.protocol != UDP || h0.total != first.len() {
+        return Err(OffloadError::ProtocolMismatch);
+    }
+    let headers = h0.ip_len + 8;
+    let mut total = first.len();
+    for s in &segments[1..] {
+        total += s.len().checked_sub(headers).ok_or(OffloadError::Truncated)?;
+    }
+    if total - h0.ip_len > usize::from(u16::MAX) || (!h0.v6 && total > usize::from(u16::MAX)) {
+        return Err(OffloadError::SegmentTooLarge);
+    }
+    let gso_size = first.len() - headers;
+    let count = segments.len();
+    let out = &mut segments[0].data_mut()[..headers];
+    if h0.v6 {
+        out[4..6].copy_from_slice(&((total - IPV6_HEADER_LEN) as u16).to_be_bytes());
+    } else {
+        out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        fill_ipv4_checksum(out, h0.ip_len);
+    }
+    let l4 = total - h0.ip_len;
+    out[h0.ip_len + 4..h0.ip_len + 6].copy_from_slice(&(l4 as u16).to_be_bytes());
+    let (src, dst) = h0.addresses(out);
+    let partial = csum::fold(csum::pseudo_header(src, dst, UDP, l4));
+    out[h0.ip_len + 6..h0.ip_len + 8].copy_from_slice(&partial.to_be_bytes());
+    let hdr = VirtioNetHdr {
+        flags: VirtioNetHdr::NEEDS_CSUM,
+        gso_type: if count > 1 { VirtioNetHdr::GSO_UDP_L4 } else { VirtioNetHdr::GSO_NONE },
+        hdr_len: headers as u16,
+        gso_size: gso_size as u16,
+        csum_start: h0.ip_len as u16,
+        csum_offset: 6,
+    };
+    Ok((hdr, headers))
+}
+
+/// The headers of `p` if it is a UDP datagram that may join a run: no IPv4 options, not a
+/// fragment, a UDP length that is the packet's, and checksums that verify (not zero).
+fn mergeable_udp(p: &[u8]) -> Option<Headers> {
+    let h = Headers::parse(p).ok()?;
+    if h.protocol != UDP || (!h.v6 && h.ip_len != IPV4_MIN_HEADER_LEN) || h.total != p.len() {
+        return None;
+    }
+    if !h.v6 && (p[6] & 0x3f != 0 || p[7] != 0 || csum::finish(csum::add(0, &p[..h.ip_len])) != 0) {
+        return None; // a fragment (MF or an offset), or a bad header checksum
+    }
+    let l4 = h.total - h.ip_len;
+    if usize::from(u16::from_be_bytes([p[h.ip_len + 4], p[h.ip_len + 5]])) != l4
+        || p[h.ip_len + 6..h.ip_len + 8] == [0, 0]
+    {
+        return None;
+    }
+    let (src, dst) = h.addresses(p);
+    let acc = csum::add(csum::pseudo_header(src, dst, UDP, l4), &p[h.ip_len..h.total]);
+    (csum::finish(acc) == 0).then_some(h)
+}
+
+/// Whether `p` belongs to `p0`'s UDP flow with the same IP fields.
+fn same_udp_flow(p0: &[u8], p: &[u8], h: &Headers) -> bool {
+    let l4 = h.ip_len;
+    let ip_same = if h.v6 {
+        p0[..4] == p[..4] && p0[6..40] == p[6..40]
+    } else {
+        p0[..2] == p[..2] && p0[6..10] == p[6..10] && p0[12..20] == p[12..20]
+    };
+    ip_same && p0[l4..l4 + 4] == p[l4..l4 + 4]
+}
+
 fn tcp_seq(p: &[u8], h: &Headers) -> u32 {
     u32::from_be_bytes(p[h.ip_len + 4..h.ip_len + 8].try_into().expect("4 bytes"))
 }
@@ -745,6 +861,65 @@ mod tests {
             }
             prop_assert_eq!(&gathered[..], &merged[..total]);
         }
+    }
+
+    proptest! {
+        #[test]
+        fn udp_split_then_coalesce_in_place_then_split_gives_the_same_datagrams(
+            v6 in any::<bool>(),
+            len in 1usize..30_000,
+            size in 500u16..1400,
+        ) {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 13 + 1) as u8).collect();
+            let sp = super_packet(v6, false, false, &payload, 0);
+            let mut pool = BufPool::for_mtu(1500, 256);
+            let mut segs = Vec::new();
+            segment(&sp, &gso(v6, false, size), &mut pool, &mut segs).unwrap();
+            let n = udp_run_len(&segs, 65_535);
+            prop_assert_eq!(n, segs.len().min(MAX_UDP_SEGMENTS), "a super-packet's datagrams merge");
+            let mut run: Vec<PacketBuf> = segs[..n].iter().map(|s| PacketBuf::from_slice(s.data())).collect();
+            let (hdr, skip) = coalesce_udp_in_place(&mut run).unwrap();
+            let mut gathered = run[0].data().to_vec();
+            for s in &run[1..] {
+                gathered.extend_from_slice(&s.data()[skip..]);
+            }
+            let mut again = Vec::new();
+            segment(&gathered, &hdr, &mut pool, &mut again).unwrap();
+            prop_assert_eq!(again.len(), n);
+            for (a, b) in again.iter().zip(&segs) {
+                prop_assert_eq!(a.data(), b.data());
+            }
+        }
+    }
+
+    #[test]
+    fn udp_runs_stop_where_a_merge_would_be_wrong() {
+        let mut pool = BufPool::for_mtu(1500, 256);
+        let sp = super_packet(false, false, false, &[5; 4000], 0);
+        let mut segs = Vec::new();
+        segment(&sp, &gso(false, false, 1000), &mut pool, &mut segs).unwrap();
+        assert_eq!(udp_run_len(&segs, 65_535), 4);
+        assert_eq!(udp_run_len(&segs, 2_100), 2, "the size limit");
+        // Another port (checksum fixed, so only the field differs).
+        let mut other = [segs[0].data(), segs[1].data()].map(PacketBuf::from_slice);
+        other[1].data_mut()[21] ^= 1;
+        let h = Headers::parse(other[1].data()).unwrap();
+        fill_l4_checksum(other[1].data_mut(), &h);
+        assert_eq!(udp_run_len(&other, 65_535), 1);
+        // A bad checksum, or none.
+        let mut bad = [segs[0].data(), segs[1].data()].map(PacketBuf::from_slice);
+        bad[1].data_mut()[40] ^= 1;
+        assert_eq!(udp_run_len(&bad, 65_535), 1);
+        let mut none = [segs[0].data(), segs[1].data()].map(PacketBuf::from_slice);
+        none[0].data_mut()[26..28].fill(0);
+        assert_eq!(udp_run_len(&none, 65_535), 1);
+        // A longer datagram after a shorter one ends the run at the shorter.
+        let short = super_packet(false, false, false, &[5; 500], 0);
+        let mixed = [PacketBuf::from_slice(&short), PacketBuf::from_slice(segs[0].data())];
+        assert_eq!(udp_run_len(&mixed, 65_535), 1);
+        // TCP never merges here.
+        let tcp = super_packet(false, true, false, &[1; 100], 0x10);
+        assert_eq!(udp_run_len(&[PacketBuf::from_slice(&tcp)], 65_535), 1);
     }
 
     #[test]

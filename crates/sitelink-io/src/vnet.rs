@@ -33,6 +33,8 @@ pub(crate) struct VnetSide {
     pub(crate) vnet_hdr: bool,
     /// Runs of TCP segments are written as super-packets (TSO accepted, and no `EINVAL` yet).
     pub(crate) coalesce: bool,
+    /// Runs of UDP datagrams are coalesced too (USO accepted), while `coalesce` is on.
+    pub(crate) uso: bool,
     /// Where a plain read lands before it is split ([`READ_MAX`] bytes with the header, else
     /// none: reads go straight into pooled buffers).
     scratch: Box<[u8]>,
@@ -50,6 +52,7 @@ impl VnetSide {
         VnetSide {
             vnet_hdr: offloads.vnet_hdr,
             coalesce: offloads.vnet_hdr && offloads.tso,
+            uso: offloads.vnet_hdr && offloads.uso,
             scratch: if offloads.vnet_hdr { vec![0; READ_MAX].into_boxed_slice() } else { Box::default() },
             plan: Vec::with_capacity(if offloads.vnet_hdr { batch.max(1) } else { 0 }),
             run: Vec::with_capacity(if offloads.vnet_hdr { MAX_RUN } else { 0 }),
@@ -84,7 +87,7 @@ impl VnetSide {
         pool: &mut BufPool,
         stats: &mut IoStats,
     ) {
-        plan_writes(packets, self.coalesce, &mut self.plan);
+        plan_writes(packets, self.coalesce, self.coalesce && self.uso, &mut self.plan);
         let mut bufs = packets.drain(..);
         for w in &self.plan {
             self.run.clear();
@@ -168,21 +171,30 @@ pub(crate) struct TunWrite {
 }
 
 /// Plans the writes of `packets` to a TUN device with a virtio-net header, preparing the
-/// packets in place: each gets its header in its headroom, and with `coalesce`, runs of one
+/// packets in place: each gets its header in its headroom, with `udp` runs of one UDP flow's
+/// datagrams become USO super-packets ([`offload::udp_run_len`],
+/// [`offload::coalesce_udp_in_place`]), and with `coalesce`, runs of one
 /// TCP flow's segments ([`offload::tcp_run_len`], checksums verified) become super-packets
 /// (the first segment's headers rewritten, [`offload::coalesce_tcp_in_place`]). `plan` is
 /// cleared and then lists the writes in order, covering every packet.
-pub(crate) fn plan_writes(packets: &mut [PacketBuf], coalesce: bool, plan: &mut Vec<TunWrite>) {
+pub(crate) fn plan_writes(packets: &mut [PacketBuf], coalesce: bool, udp: bool, plan: &mut Vec<TunWrite>) {
     plan.clear();
     let mut i = 0;
     while i < packets.len() {
         let end = packets.len().min(i + MAX_RUN);
-        let run = if coalesce { offload::tcp_run_len(&packets[i..end], MAX_SUPER_PACKET) } else { 1 };
+        let tcp_run = if coalesce { offload::tcp_run_len(&packets[i..end], MAX_SUPER_PACKET) } else { 1 };
+        let udp_run =
+            if udp && tcp_run <= 1 { offload::udp_run_len(&packets[i..end], MAX_SUPER_PACKET) } else { 1 };
         let mut write = TunWrite { count: 1, skip: 0, ok: true };
         let mut hdr = VirtioNetHdr::default();
-        if run > 1
-            && let Ok((h, skip)) = offload::coalesce_tcp_in_place(&mut packets[i..i + run])
-        {
+        let merged = if tcp_run > 1 {
+            offload::coalesce_tcp_in_place(&mut packets[i..i + tcp_run]).map(|m| (m, tcp_run)).ok()
+        } else if udp_run > 1 {
+            offload::coalesce_udp_in_place(&mut packets[i..i + udp_run]).map(|m| (m, udp_run)).ok()
+        } else {
+            None
+        };
+        if let Some(((h, skip), run)) = merged {
             hdr = h;
             write = TunWrite { count: run, skip, ok: true };
         }
@@ -265,7 +277,7 @@ mod tests {
         packets.push(PacketBuf::from_slice(&[0x45; 20])); // not TCP: alone
         packets.extend(tcp_segments(2));
         let mut plan = Vec::new();
-        plan_writes(&mut packets, true, &mut plan);
+        plan_writes(&mut packets, true, true, &mut plan);
         let counts: Vec<usize> = plan.iter().map(|w| w.count).collect();
         assert_eq!(counts, vec![5, 1, 2]);
         assert!(plan.iter().all(|w| w.ok));
@@ -276,9 +288,54 @@ mod tests {
         assert_eq!(alone, VirtioNetHdr::default());
 
         let mut packets = tcp_segments(3);
-        plan_writes(&mut packets, false, &mut plan);
+        plan_writes(&mut packets, false, false, &mut plan);
         assert_eq!(plan.iter().map(|w| w.count).collect::<Vec<_>>(), vec![1, 1, 1]);
         assert!(packets.iter().all(|p| p.data()[..VIRTIO_NET_HDR_LEN] == [0; VIRTIO_NET_HDR_LEN]));
+    }
+
+    /// `n` datagrams of one UDP flow, 700 bytes each, as a USO read splits them.
+    fn udp_datagrams(n: usize) -> Vec<PacketBuf> {
+        let mut l4 = vec![0u8; 8];
+        l4[0..2].copy_from_slice(&4000u16.to_be_bytes());
+        l4[2..4].copy_from_slice(&443u16.to_be_bytes());
+        l4.extend_from_slice(&vec![3u8; 700 * n]);
+        let len16 = (l4.len() as u16).to_be_bytes();
+        l4[4..6].copy_from_slice(&len16);
+        let mut sp = vec![0u8; 20 + l4.len()];
+        let len =
+            sitelink_frame::ip::build_ipv4(&mut sp, [10, 0, 0, 1].into(), [10, 0, 0, 2].into(), 17, &l4)
+                .unwrap();
+        let hdr = VirtioNetHdr {
+            flags: VirtioNetHdr::NEEDS_CSUM,
+            gso_type: VirtioNetHdr::GSO_UDP_L4,
+            gso_size: 700,
+            csum_start: 20,
+            csum_offset: 6,
+            ..Default::default()
+        };
+        let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN];
+        hdr.write(&mut raw).unwrap();
+        raw.extend_from_slice(&sp[..len]);
+        let mut pool = BufPool::for_mtu(1420, 256);
+        let (mut out, mut stats) = (Vec::new(), IoStats::default());
+        split_read(&raw, &mut pool, &mut out, &mut stats);
+        assert_eq!(out.len(), n);
+        out
+    }
+
+    #[test]
+    fn udp_runs_coalesce_only_with_uso() {
+        let mut packets = udp_datagrams(6);
+        packets.extend(tcp_segments(3));
+        let mut plan = Vec::new();
+        plan_writes(&mut packets, true, true, &mut plan);
+        assert_eq!(plan.iter().map(|w| w.count).collect::<Vec<_>>(), vec![6, 3]);
+        assert_eq!(plan[0].skip, 28);
+        let first = VirtioNetHdr::parse(packets[0].data()).unwrap();
+        assert_eq!((first.gso_type, first.gso_size), (VirtioNetHdr::GSO_UDP_L4, 700));
+        let mut packets = udp_datagrams(4);
+        plan_writes(&mut packets, true, false, &mut plan);
+        assert_eq!(plan.iter().map(|w| w.count).collect::<Vec<_>>(), vec![1, 1, 1, 1]);
     }
 
     #[test]

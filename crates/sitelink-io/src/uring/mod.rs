@@ -574,7 +574,8 @@ impl PacketIo for UringIo {
         }
         let mut wrote = false;
         if self.vnet.vnet_hdr {
-            crate::vnet::plan_writes(packets, self.vnet.coalesce, &mut self.vnet.plan);
+            let udp = self.vnet.coalesce && self.vnet.uso;
+            crate::vnet::plan_writes(packets, self.vnet.coalesce, udp, &mut self.vnet.plan);
         }
         let mut bufs = packets.drain(..);
         let mut next = 0;
