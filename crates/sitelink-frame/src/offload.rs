@@ -634,12 +634,18 @@ fn mergeable_udp(p: &[u8]) -> Option<Headers> {
 /// Whether `p` belongs to `p0`'s UDP flow with the same IP fields.
 fn same_udp_flow(p0: &[u8], p: &[u8], h: &Headers) -> bool {
     let l4 = h.ip_len;
-    let ip_same = if h.v6 {
+    same_ip_fields(p0, p, h.v6) && p0[l4..l4 + 4] == p[l4..l4 + 4]
+}
+
+/// Whether `p`'s IP header has `p0`'s fields a merge must keep: IPv6's version, traffic
+/// class, flow label, next header, hop limit and addresses; IPv4's version/IHL, TOS,
+/// flags/fragment, TTL, protocol and addresses (not its length, ID or checksum).
+fn same_ip_fields(p0: &[u8], p: &[u8], v6: bool) -> bool {
+    if v6 {
         p0[..4] == p[..4] && p0[6..40] == p[6..40]
     } else {
         p0[..2] == p[..2] && p0[6..10] == p[6..10] && p0[12..20] == p[12..20]
-    };
-    ip_same && p0[l4..l4 + 4] == p[l4..l4 + 4]
+    }
 }
 
 fn tcp_seq(p: &[u8], h: &Headers) -> u32 {
@@ -650,14 +656,7 @@ fn tcp_seq(p: &[u8], h: &Headers) -> u32 {
 /// options (headers of equal lengths already checked).
 fn same_flow_and_fields(p0: &[u8], p: &[u8], h: &Headers) -> bool {
     let l4 = h.ip_len;
-    let ip_same = if h.v6 {
-        // Version, traffic class, flow label; next header, hop limit; addresses.
-        p0[..4] == p[..4] && p0[6..40] == p[6..40]
-    } else {
-        // Version/IHL and TOS; flags/fragment; TTL and protocol; addresses.
-        p0[..2] == p[..2] && p0[6..10] == p[6..10] && p0[12..20] == p[12..20]
-    };
-    ip_same
+    same_ip_fields(p0, p, h.v6)
         && p0[l4..l4 + 4] == p[l4..l4 + 4] // ports
         && p0[l4 + 8..l4 + 12] == p[l4 + 8..l4 + 12] // acknowledgment
         && p0[l4 + 12] == p[l4 + 12] // data offset
