@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sitelink_frame::{BufPool, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
+use crate::gro::ScatterSlot;
 use crate::peers::{self, MAX_CONNECTED_PEERS, PeerSockets};
 use crate::socket::UdpSocket;
 use crate::stats::IoStats;
@@ -52,10 +53,10 @@ pub(crate) fn group_for_gso(dgrams: &[Datagram], gso: bool, groups: &mut Vec<Sen
     }
 }
 
-/// Receives one `recvmmsg` makes on a socket with UDP GRO on: each into a buffer of
-/// [`GRO_READ_MAX`](crate::gro::GRO_READ_MAX) bytes, reused call after call.
-/// (8 runs of at most 64 datagrams: a turn's worth, see [`crate::vnet::TURN_PACKETS`].)
-const GRO_BATCH: usize = 8;
+/// Receives one `recvmmsg` makes on a socket with UDP GRO on: each scattered over pooled
+/// buffers, one datagram to a buffer ([`ScatterSlot`]).
+/// (8 runs of up to 64 datagrams: several turns' worth, see [`crate::vnet::TURN_PACKETS`].)
+pub(crate) const GRO_BATCH: usize = 8;
 
 /// What a failed `recvmmsg` means for [`MmsgCalls::recv`]'s answer: nothing waiting, or an
 /// error counted. Pending ICMP errors (port unreachable from an old send) surface here; they
@@ -77,12 +78,17 @@ pub(crate) struct MmsgCalls {
     addrs: Vec<Option<SocketAddr>>,
     truncated: Vec<bool>,
     batch: usize,
-    /// With UDP GRO on: the large receive buffers and each receive's segment size.
-    gro: Option<(Vec<PacketBuf>, Vec<u16>)>,
-    /// Of the last GRO `recvmmsg`: how many receives came, and how many are cut up (the rest
-    /// wait for the next call: a turn's worth at a time, as the uring backend does).
+    /// With UDP GRO on: one slot a receive.
+    gro: Option<Vec<ScatterSlot>>,
+    /// The piece size receives are laid out for: the segment size of the last run (0 until
+    /// one came: then pieces as large as a buffer takes).
+    gro_piece: usize,
+    /// Of the last GRO `recvmmsg`: how many receives came, how many are handed out in order
+    /// (the rest wait for the next call: a turn's worth at a time), and which of those went
+    /// ahead ([`crate::gro::small_first`]).
     gro_got: usize,
     gro_cut: usize,
+    gro_done: [bool; GRO_BATCH],
 }
 
 impl MmsgCalls {
@@ -95,21 +101,19 @@ impl MmsgCalls {
             truncated: vec![false; batch],
             batch,
             gro: None,
+            gro_piece: 0,
             gro_got: 0,
             gro_cut: 0,
+            gro_done: [false; GRO_BATCH],
         }
     }
 
-    /// Receives runs of datagrams (the sockets have UDP GRO on) into large buffers, cut into
-    /// pooled ones; or, with `false`, one datagram per pooled buffer.
+    /// Receives runs of datagrams (the sockets have UDP GRO on), scattered over pooled
+    /// buffers; or, with `false`, one datagram per pooled buffer.
     pub(crate) fn set_gro(&mut self, on: bool) {
         self.gro_got = 0;
         self.gro_cut = 0;
-        self.gro = on.then(|| {
-            let n = GRO_BATCH.min(self.batch);
-            let bufs = (0..n).map(|_| PacketBuf::new(crate::gro::GRO_READ_MAX, 0)).collect();
-            (bufs, vec![0; n])
-        });
+        self.gro = on.then(|| (0..GRO_BATCH.min(self.batch)).map(|_| ScatterSlot::new()).collect());
     }
 
     /// One `recvmmsg` on `sock` into pooled buffers, appending what arrived whole to `out`:
@@ -148,10 +152,11 @@ impl MmsgCalls {
         (got == self.batch, Ok(()))
     }
 
-    /// [`recv`](Self::recv) with UDP GRO on: each receive may be a run of datagrams, cut into
-    /// pooled buffers ([`crate::gro::split_datagrams`]) up to a turn's worth
-    /// ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) a call; what a `recvmmsg` brought beyond
-    /// that is cut at the next call (from whichever socket) before anything new is received.
+    /// [`recv`](Self::recv) with UDP GRO on: each receive may be a run of datagrams, each
+    /// landing in a pooled buffer of its own ([`ScatterSlot`]), handed out up to a turn's
+    /// worth ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) a call; what a `recvmmsg` brought
+    /// beyond that is handed out at the next call (from whichever socket) before anything new
+    /// is received.
     fn recv_runs(
         &mut self,
         sock: BorrowedFd<'_>,
@@ -163,26 +168,36 @@ impl MmsgCalls {
         if self.cut_runs(start, pool, out, stats) {
             return (true, Ok(()));
         }
-        let (bufs, segments) = self.gro.as_mut().expect("GRO on");
-        let got = match self.msgs.recv(sock, bufs, &mut self.addrs, &mut self.truncated, Some(segments)) {
+        let slots = self.gro.as_mut().expect("GRO on");
+        let piece = if self.gro_piece == 0 { usize::MAX } else { self.gro_piece };
+        for slot in slots.iter_mut() {
+            slot.prepare(piece, pool);
+        }
+        let got = match self.msgs.recv_scattered(sock, slots) {
             Ok(n) => n,
             Err(e) => return recv_failed(e, stats),
         };
-        let full = got == bufs.len();
+        // The next receives are laid out for the size of the last run.
+        if let Some(run) = slots[..got].iter().rev().find(|s| s.datagrams() > 1) {
+            self.gro_piece = usize::from(run.segment);
+        }
+        let full = got == slots.len();
         self.gro_got = got;
         self.gro_cut = 0;
+        self.gro_done = [false; GRO_BATCH];
         let more = self.cut_runs(start, pool, out, stats);
         (full || more, Ok(()))
     }
 
-    /// Whether receives of the last GRO `recvmmsg` wait to be cut up ([`cut_held`](Self::cut_held)).
+    /// Whether receives of the last GRO `recvmmsg` wait to be handed out
+    /// ([`cut_held`](Self::cut_held)).
     pub(crate) fn has_held(&self) -> bool {
         self.gro_cut < self.gro_got
     }
 
-    /// Cuts up a turn's worth of held receives into `out` (for a backend that stopped calling
-    /// [`recv`](Self::recv): the uring backend back in its ring mode); returns whether some
-    /// are still held.
+    /// Hands out a turn's worth of held receives into `out` (for a backend that stopped
+    /// calling [`recv`](Self::recv): the uring backend back in its ring mode); returns whether
+    /// some are still held.
     pub(crate) fn cut_held(
         &mut self,
         pool: &mut BufPool,
@@ -192,8 +207,9 @@ impl MmsgCalls {
         self.cut_runs(out.len(), pool, out, stats)
     }
 
-    /// Cuts up held receives until `out` has grown by a turn's worth since `start`; returns
-    /// whether some are still held.
+    /// Hands out held receives until `out` has grown by a turn's worth since `start`, small
+    /// lone datagrams held behind runs first ([`crate::gro::small_first`]); returns whether
+    /// some are still held.
     fn cut_runs(
         &mut self,
         start: usize,
@@ -201,17 +217,25 @@ impl MmsgCalls {
         out: &mut Vec<Datagram>,
         stats: &mut IoStats,
     ) -> bool {
-        let Some((bufs, segments)) = self.gro.as_ref() else { return false };
+        let Some(slots) = self.gro.as_mut() else { return false };
+        if self.gro_cut >= self.gro_got {
+            return false;
+        }
+        let held = &mut slots[self.gro_cut..self.gro_got];
+        let mut ahead = [false; GRO_BATCH];
+        crate::gro::small_first(held.iter().map(|s| (s.len, s.segment)), &mut ahead);
+        for ((slot, ahead), done) in held.iter_mut().zip(ahead).zip(&mut self.gro_done[self.gro_cut..]) {
+            if ahead && !*done {
+                slot.take(pool, out, stats);
+                *done = true;
+            }
+        }
         while self.gro_cut < self.gro_got {
             if out.len() - start >= crate::vnet::TURN_PACKETS {
                 return true;
             }
-            let i = self.gro_cut;
-            match (self.addrs[i], self.truncated[i]) {
-                (Some(addr), false) => {
-                    crate::gro::split_datagrams(addr, bufs[i].data(), segments[i], pool, out, stats);
-                }
-                _ => stats.udp_truncated += 1,
+            if !self.gro_done[self.gro_cut] {
+                slots[self.gro_cut].take(pool, out, stats);
             }
             self.gro_cut += 1;
         }

@@ -73,6 +73,11 @@ pub mod testing {
 /// Datagrams or packets moved per batch by default.
 pub const DEFAULT_BATCH: usize = 64;
 
+/// The most pooled buffers a backend keeps lent to its UDP receives with GRO on: each
+/// receive is laid out over a buffer per datagram it may bring (see `gro.rs`). A worker's pool
+/// needs these on top of what its turns have in flight.
+pub const GRO_RECEIVE_BUFFERS: usize = calls::GRO_BATCH * gro::GRO_MAX_SEGMENTS;
+
 /// Opens the backend `kind` over `packets` (a TUN queue or pipe; `None` when the worker moves
 /// packets in process, as an embedded link does) and `udp`. If io_uring is asked for but
 /// cannot be set up (an old kernel's ENOSYS, a container's EPERM), falls back to `mmsg` and

@@ -38,8 +38,11 @@ pub struct IoStats {
     pub tun_gso_writes: u64,
     /// TUN reads whose virtio-net header or super-packet was bad (dropped).
     pub tun_offload_errors: u64,
-    /// Received buffers that held several datagrams (UDP GRO).
+    /// Receives that brought several datagrams (UDP GRO).
     pub udp_gro_reads: u64,
+    /// Datagrams of such receives that did not land one to a buffer (their size was not the
+    /// one the receive was laid out for) and were copied into buffers of their own.
+    pub udp_gro_copied: u64,
     /// Fallback: `TUNSETOFFLOAD` was refused, so packets come in one at a time (a level: 1 if so).
     pub tun_offload_refused: u64,
     /// Fallback: the TUN device's UDP segmentation offload was refused (a level: 1 if so).
@@ -73,6 +76,7 @@ impl IoStats {
             tun_gso_writes,
             tun_offload_errors,
             udp_gro_reads,
+            udp_gro_copied,
             tun_offload_refused,
             uso_refused,
             gro_write_refused,
@@ -96,6 +100,7 @@ impl IoStats {
         self.tun_gso_writes += tun_gso_writes;
         self.tun_offload_errors += tun_offload_errors;
         self.udp_gro_reads += udp_gro_reads;
+        self.udp_gro_copied += udp_gro_copied;
         self.tun_offload_refused += tun_offload_refused;
         self.uso_refused += uso_refused;
         self.gro_write_refused += gro_write_refused;

@@ -342,7 +342,9 @@ impl LinkBuilder {
         let mut threads = Vec::with_capacity(ios.len());
         for (index, io) in ios.into_iter().enumerate() {
             let worker_shared = Arc::clone(&shared);
-            let pool = lock(&shared.device).pool_mut().clone_empty();
+            // Filled here, so that a link's startup allocations are all made when it returns.
+            let mut pool = lock(&shared.device).pool_mut().clone_empty();
+            pool.prefill(worker::WORKER_PREFILL);
             let spawned = std::thread::Builder::new()
                 .name(format!("sitelink-worker-{index}"))
                 .spawn(move || worker::run_guarded(worker_shared, index, io, pool));

@@ -104,10 +104,11 @@ const PEER_SOCKET_RETRY: Duration = Duration::from_secs(30);
 /// Vectors are sized for the largest batch a backend moves per call.
 const VEC_CAPACITY: usize = 1024;
 
-/// Buffers a worker's pool starts with: what a busy turn has in flight (a turn's worth of
+/// Buffers a worker's pool starts with (filled before its thread starts): what a busy turn has in flight (a turn's worth of
 /// packets each way, from super-packets and runs, and the sends and writes the kernel still
-/// holds), so that the bursts of a link's first busy seconds do not each allocate more.
-const WORKER_PREFILL: usize = 256;
+/// holds), and what the backend keeps lent to its GRO receives, so that the bursts of a link's
+/// first busy seconds do not each allocate more.
+pub(crate) const WORKER_PREFILL: usize = 256 + sitelink_io::GRO_RECEIVE_BUFFERS;
 
 /// The scheduler slice a worker asks for (`sitelink_io::request_short_slices`): a worker woken
 /// by a packet then runs before a busy thread's slice ends (on a small machine, the
@@ -136,7 +137,6 @@ pub(crate) fn run_guarded(shared: Arc<Shared>, index: usize, io: Box<dyn PacketI
 }
 
 fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPool) {
-    pool.prefill(WORKER_PREFILL);
     let slot = &shared.workers[index];
     let mut datagrams: Vec<Datagram> = Vec::with_capacity(VEC_CAPACITY);
     let mut read: Vec<PacketBuf> = Vec::with_capacity(VEC_CAPACITY);

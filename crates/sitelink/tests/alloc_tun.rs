@@ -1,5 +1,5 @@
 //! The TUN path with offloads on allocates nothing once warm: super-packets read from the TUN
-//! device and split, runs of datagrams received with UDP GRO and cut up, TCP runs coalesced
+//! device and split, runs of datagrams received with UDP GRO, one datagram to a buffer, TCP runs coalesced
 //! and written as super-packets, all watched by a counting global allocator (every thread of
 //! the process).
 //!
@@ -236,19 +236,24 @@ fn side_a() {
     let d = |f: fn(&sitelink::IoStats) -> u64| f(&after.io) - f(&before.io);
     eprintln!(
         "{backend:?}: warm after {:?}; {allocations} allocations in 3 s, while A moved {} packets from its TUN \
-         ({} super-packets read) and {} to it ({} coalesced writes, {} GRO runs received); buffers {} -> {}",
+         ({} super-packets read) and {} to it ({} coalesced writes, {} GRO runs received, {} datagrams \
+         copied out of runs); buffers {} -> {}",
         warm.elapsed() - Duration::from_millis(500),
         d(|s| s.tun_rx),
         d(|s| s.tun_gso_reads),
         d(|s| s.tun_tx),
         d(|s| s.tun_gso_writes),
         d(|s| s.udp_gro_reads),
+        d(|s| s.udp_gro_copied),
         before.buffers_allocated,
         after.buffers_allocated,
     );
     assert!(d(|s| s.tun_gso_reads) > 0, "no super-packet was read: {:?}", after.io);
     assert!(d(|s| s.tun_gso_writes) > 0, "no coalesced write: {:?}", after.io);
     assert!(d(|s| s.udp_gro_reads) > 0, "no GRO run came in: {:?}", after.io);
+    // The runs land one datagram to a buffer: only a run of a size other than the last one's
+    // is copied apart.
+    assert!(d(|s| s.udp_gro_copied) * 4 < d(|s| s.udp_rx), "runs copied apart: {:?}", after.io);
     assert!(d(|s| s.tun_rx) > 10_000 && d(|s| s.tun_tx) > 10_000, "too little traffic: {:?}", after.io);
     assert_eq!(after.io.tun_offload_errors, 0);
     assert_eq!(allocations, 0, "allocations once warm: {:?}", after.io);

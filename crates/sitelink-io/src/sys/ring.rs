@@ -61,15 +61,6 @@ pub(crate) const RECV_PREFIX: usize = 16 + size_of::<libc::sockaddr_in6>();
 const _: () = assert!(RECV_PREFIX <= DEFAULT_HEADROOM, "the pool's headroom holds the recvmsg prefix");
 const _: () =
     assert!(LARGE_TUN_ENTRIES as usize <= crate::vnet::MAX_HELD_READS, "the backend can hold every read");
-const _: () =
-    assert!(LARGE_UDP_ENTRIES as usize <= crate::vnet::MAX_HELD_READS, "the backend can hold every run");
-
-/// The same with room for the `UDP_GRO` control message, when the sockets have GRO on.
-const RECV_PREFIX_GRO: usize = RECV_PREFIX + crate::gro::GRO_CMSG_SPACE;
-
-/// Buffers in the UDP buffer ring when receives may bring runs of datagrams: each holds a
-/// whole UDP datagram's worth (64 KiB).
-const LARGE_UDP_ENTRIES: u16 = 32;
 
 /// The user data of a request: its kind in the top byte, its slot (or socket id) below.
 fn user_data(kind: u64, slot: usize) -> u64 {
@@ -167,10 +158,11 @@ pub(crate) struct Ring {
     recv_msghdr: Box<libc::msghdr>,
     /// The TUN ring's own buffers when reads bring super-packets (None: the caller's pool).
     tun_pool: Option<BufPool>,
-    /// The UDP ring's own buffers when receives bring runs (None: the caller's pool).
-    udp_pool: Option<BufPool>,
-    /// Bytes the kernel writes ahead of a received datagram (header, address, control).
-    recv_prefix: usize,
+    /// The sockets have UDP GRO on: instead of a multishot receive into the UDP buffer ring,
+    /// each socket has a multishot poll, and the caller receives runs itself, scattered over
+    /// its buffers (a run of datagrams must land one to a buffer, which a buffer ring cannot
+    /// do).
+    udp_poll: bool,
     #[allow(clippy::vec_box)]
     tun_writes: Vec<Box<WriteSlot>>,
     tun_writes_free: Vec<usize>,
@@ -199,9 +191,8 @@ impl Ring {
     /// no TUN read may be armed.) With `vnet_hdr`, TUN reads bring a virtio-net header and up
     /// to a super-packet, into buffers of [`READ_MAX`](crate::vnet::READ_MAX) bytes from the
     /// ring's own pool, which [`recycle_tun_buf`](Self::recycle_tun_buf) takes back; writes
-    /// may be gathered runs. With `udp_gro` (the sockets have `UDP_GRO` on), receives bring
-    /// runs of datagrams into 64 KiB buffers of the ring's own, for
-    /// [`recycle_udp_buf`](Self::recycle_udp_buf).
+    /// may be gathered runs. With `udp_gro` (the sockets have `UDP_GRO` on), the sockets are
+    /// polled instead of received on ([`Event::Readable`]).
     pub(crate) fn new(
         batch: usize,
         packets: Option<BorrowedFd<'_>>,
@@ -235,17 +226,8 @@ impl Ring {
         // A sparse slot (-1) where there is no packet descriptor.
         ring.submitter().register_files(&[packets.map_or(-1, |p| p.as_raw_fd()), udp.as_raw_fd()])?;
         let ring_entries = provided_entries(batch) as u16;
-        let (udp_bufs, udp_pool, recv_prefix) = if udp_gro {
-            let mut pool = BufPool::new(
-                RECV_PREFIX_GRO + crate::gro::GRO_READ_MAX,
-                RECV_PREFIX_GRO,
-                usize::from(LARGE_UDP_ENTRIES),
-            );
-            pool.prefill(usize::from(LARGE_UDP_ENTRIES));
-            (Provided::new(LARGE_UDP_ENTRIES, BGID_UDP, RECV_PREFIX_GRO, 0)?, Some(pool), RECV_PREFIX_GRO)
-        } else {
-            (Provided::new(ring_entries, BGID_UDP, RECV_PREFIX, 0)?, None, RECV_PREFIX)
-        };
+        // (With GRO the UDP buffer ring stays empty: never refilled, never received into.)
+        let udp_bufs = Provided::new(if udp_gro { 1 } else { ring_entries }, BGID_UDP, RECV_PREFIX, 0)?;
         let (tun_bufs, tun_pool) = if vnet_hdr {
             let mut pool = BufPool::new(crate::vnet::READ_MAX, 0, usize::from(LARGE_TUN_ENTRIES));
             pool.prefill(usize::from(LARGE_TUN_ENTRIES));
@@ -263,7 +245,6 @@ impl Ring {
         // SAFETY: msghdr is plain old data; zeros are valid.
         let mut recv_msghdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
         recv_msghdr.msg_namelen = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-        recv_msghdr.msg_controllen = recv_prefix - RECV_PREFIX;
         let sends = (0..batch)
             .map(|_| {
                 Box::new(SendSlot {
@@ -283,8 +264,7 @@ impl Ring {
             tun_bufs,
             recv_msghdr,
             tun_pool,
-            udp_pool,
-            recv_prefix,
+            udp_poll: udp_gro,
             tun_writes: (0..batch * 2)
                 .map(|_| Box::new(WriteSlot { bufs: Vec::with_capacity(run), iovs: Vec::with_capacity(run) }))
                 .collect(),
@@ -366,21 +346,12 @@ impl Ring {
     /// (The ring's own pools of large buffers are fixed: a buffer the backend still holds is
     /// not replaced, so that holding input back bounds what the kernel may add.)
     pub(crate) fn refill(&mut self, pool: &mut BufPool) -> io::Result<()> {
-        match &mut self.udp_pool {
-            Some(own) => self.udp_bufs.refill(own, true)?,
-            None => self.udp_bufs.refill(pool, false)?,
+        if !self.udp_poll {
+            self.udp_bufs.refill(pool, false)?;
         }
         match &mut self.tun_pool {
             Some(own) => self.tun_bufs.refill(own, true),
             None => self.tun_bufs.refill(pool, false),
-        }
-    }
-
-    /// Takes back a UDP receive buffer of the ring's own pool (with GRO), once its datagrams
-    /// have been cut out of it.
-    pub(crate) fn recycle_udp_buf(&mut self, buf: PacketBuf) {
-        if let Some(pool) = &mut self.udp_pool {
-            pool.put(buf);
         }
     }
 
@@ -392,7 +363,8 @@ impl Ring {
         }
     }
 
-    /// Whether the multishot receive of `socket` (an id; 0: the shared socket) is armed.
+    /// Whether the multishot receive (with GRO: poll) of `socket` (an id; 0: the shared
+    /// socket) is armed.
     pub(crate) fn recv_armed(&self, socket: u32) -> bool {
         self.recv_armed.contains(&socket)
     }
@@ -407,10 +379,24 @@ impl Ring {
         self.wake_armed
     }
 
-    /// Arms the multishot receive of `socket` into the UDP buffer ring (if it is not).
+    /// Arms the multishot receive of `socket` into the UDP buffer ring (if it is not); with
+    /// GRO, a multishot poll for input instead.
     pub(crate) fn arm_recv(&mut self, socket: Socket<'_>) -> io::Result<()> {
         let id = socket.id();
         if self.recv_armed(id) {
+            return Ok(());
+        }
+        if self.udp_poll {
+            let builder = match socket {
+                Socket::Shared => opcode::PollAdd::new(Fixed(FILE_UDP), libc::POLLIN as u32),
+                Socket::Peer(_, fd) => {
+                    opcode::PollAdd::new(io_uring::types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                }
+            };
+            let entry = builder.multi(true).build().user_data(user_data(UDP_RECV, id as usize));
+            // SAFETY: a poll request carries no buffers.
+            unsafe { self.push(&entry)? };
+            self.recv_armed.push(id);
             return Ok(());
         }
         let builder = match socket {
@@ -663,6 +649,14 @@ impl Ring {
                     if !more {
                         self.recv_armed.retain(|&id| id as usize != slot);
                     }
+                    if self.udp_poll {
+                        if result > 0 {
+                            event(Event::Readable(slot as u32));
+                        } else if result < 0 && result != -libc::ECANCELED {
+                            event(Event::RecvFailed);
+                        }
+                        continue;
+                    }
                     let Some(bid) = cqueue::buffer_select(cqe.flags()) else {
                         if result < 0 && result != -libc::ENOBUFS && result != -libc::ECANCELED {
                             event(Event::RecvFailed);
@@ -670,13 +664,8 @@ impl Ring {
                         continue;
                     };
                     let Some(mut buf) = self.udp_bufs.take(bid) else { continue };
-                    // An unused buffer of the ring's own goes back to its pool.
-                    let mut unused = |buf: PacketBuf| match &mut self.udp_pool {
-                        Some(own) => own.put(buf),
-                        None => done.push(buf),
-                    };
                     if result < 0 {
-                        unused(buf);
+                        done.push(buf);
                         continue;
                     }
                     let n = (result as usize).min(buf.spare_mut().len());
@@ -694,18 +683,17 @@ impl Ring {
                                     name.len().min(size_of::<libc::sockaddr_in6>()),
                                 );
                             }
-                            let segment = crate::gro::gro_segment(out.control_data()).unwrap_or(0);
-                            (raw.socket_addr(), out.payload_data().len(), out.is_payload_truncated(), segment)
+                            (raw.socket_addr(), out.payload_data().len(), out.is_payload_truncated())
                         })
                     };
                     match parsed {
-                        Some((Some(addr), len, false, segment)) => {
-                            buf.set_len(self.recv_prefix + len).expect("within the buffer");
-                            buf.advance(self.recv_prefix).expect("prefix is inside the data");
-                            event(Event::Received(Datagram { addr, buf }, segment));
+                        Some((Some(addr), len, false)) => {
+                            buf.set_len(RECV_PREFIX + len).expect("within the buffer");
+                            buf.advance(RECV_PREFIX).expect("prefix is inside the data");
+                            event(Event::Received(Datagram { addr, buf }));
                         }
                         _ => {
-                            unused(buf);
+                            done.push(buf);
                             event(Event::Truncated);
                         }
                     }

@@ -2,6 +2,10 @@
 //!
 //! * UDP: one multishot `recvmsg` per socket (the shared one and each peer's) over a provided
 //!   buffer ring of pooled [`PacketBuf`]s: the engine gets the very memory the kernel wrote.
+//!   With UDP GRO on, a receive may bring a run of datagrams, which must land one to a buffer
+//!   (a buffer ring gives a receive one buffer): then each socket has a multishot poll
+//!   instead, and the worker's turn receives with `recvmmsg`, each receive scattered over a
+//!   pooled buffer per datagram ([`crate::gro::ScatterSlot`]), up to a turn's worth.
 //! * TUN: one multishot read over a second buffer ring; writes queued as SQEs, submitted in
 //!   the turn that made them.
 //! * Sends: one `sendmsg` SQE per group of datagrams, with `UDP_SEGMENT` (GSO) for runs of
@@ -87,11 +91,9 @@ pub struct UringIo {
     /// TUN reads (header and packet or super-packet) waiting to be split, in the ring's
     /// own buffers.
     ready_reads: Vec<PacketBuf>,
-    /// The sockets have UDP GRO on: receives bring runs of datagrams into the ring's own
-    /// buffers.
+    /// The sockets have UDP GRO on: the ring polls them, and receives go through the plain
+    /// calls (`quiet.calls`), which scatter runs one datagram to a buffer.
     gro: bool,
-    /// Receives (a run of datagrams and their size) waiting to be cut up.
-    ready_runs: Vec<(Datagram, u16)>,
 }
 
 impl std::fmt::Debug for UringIo {
@@ -154,7 +156,6 @@ impl UringIo {
             woken: false,
             quiet,
             gro,
-            ready_runs: Vec::with_capacity(if gro { 64 } else { 0 }),
             ready_reads: Vec::with_capacity(if vnet.vnet_hdr { 64 } else { 0 }),
             vnet,
         })
@@ -205,8 +206,6 @@ impl UringIo {
             ring,
             ready_packets,
             ready_reads,
-            ready_runs,
-            gro,
             vnet,
             ready_datagrams,
             done,
@@ -218,6 +217,7 @@ impl UringIo {
             quiet,
             closing,
             waker,
+            peers,
             ..
         } = self;
         ring.reap(done, |event| match event {
@@ -241,12 +241,12 @@ impl UringIo {
                     if result < 0 { Err(io::Error::from_raw_os_error(-result)) } else { Ok(result as usize) };
                 crate::vnet::after_write(&result, &write, stats, &mut vnet.coalesce);
             }
-            Event::Received(d, segment) if *gro => {
-                // Cut up in the worker's turn, into its pool's buffers.
+            Event::Readable(id) => {
+                // Received in the worker's turn, scattered over its pool's buffers.
                 quiet.input_seen = true;
-                ready_runs.push((d, segment));
+                quiet.ready |= readiness::ready_bit(peers, id);
             }
-            Event::Received(d, _) => {
+            Event::Received(d) => {
                 stats.udp_rx += 1;
                 quiet.input_seen = true;
                 ready_datagrams.push(d);
@@ -299,7 +299,6 @@ impl UringIo {
         !self.ready_packets.is_empty()
             || !self.ready_reads.is_empty()
             || !self.ready_datagrams.is_empty()
-            || !self.ready_runs.is_empty()
             || self.quiet.calls.has_held()
             || self.quiet.ready != 0
             || std::mem::take(&mut self.woken)
@@ -365,8 +364,8 @@ impl PacketIo for UringIo {
             || !self.ready_packets.is_empty()
             || !self.ready_reads.is_empty()
             || !self.ready_datagrams.is_empty()
-            || !self.ready_runs.is_empty()
             || self.quiet.calls.has_held()
+            || self.quiet.ready != 0
         {
             self.ring.submit(0)?;
             self.reap();
@@ -425,38 +424,12 @@ impl PacketIo for UringIo {
         // (Handing out only part of it while refilling the ring every turn let the backlog,
         // and the buffers it holds, grow without bound under a sustained flood.)
         out.append(&mut self.ready_datagrams);
-        // Runs are cut up a turn's worth at a time ([`TURN_PACKETS`]); the rest wait, and the
-        // ring's buffers they hold are not replaced meanwhile. Small lone datagrams go first
-        // (`gro::small_first`): a ping or an acknowledgement waits for no bulk run.
-        let start = out.len();
-        if !self.quiet.active && self.quiet.calls.has_held() {
-            // What readiness mode received before the ring came back is older: first.
-            self.quiet.calls.cut_held(pool, out, &mut self.stats);
+        // With GRO, runs received but not handed out yet (a turn's worth a call,
+        // [`TURN_PACKETS`]) go before anything new is received.
+        if self.quiet.calls.has_held() && self.quiet.calls.cut_held(pool, out, &mut self.stats) {
+            return self.refill(pool);
         }
-        let held = self.ready_runs.len();
-        let mut taken = [false; MAX_HELD_READS];
-        crate::gro::small_first(&self.ready_runs, &mut taken[..held]);
-        for ((run, segment), _) in self.ready_runs.iter().zip(&taken).filter(|(_, t)| **t) {
-            crate::gro::split_datagrams(run.addr, run.buf.data(), *segment, pool, out, &mut self.stats);
-        }
-        for ((run, segment), taken) in self.ready_runs.iter().zip(taken.iter_mut()) {
-            if out.len() - start >= TURN_PACKETS {
-                break;
-            }
-            if !*taken {
-                crate::gro::split_datagrams(run.addr, run.buf.data(), *segment, pool, out, &mut self.stats);
-                *taken = true;
-            }
-        }
-        let mut i = 0;
-        for t in &taken[..held] {
-            if *t {
-                let (run, _) = self.ready_runs.remove(i);
-                self.ring.recycle_udp_buf(run.buf);
-            } else {
-                i += 1;
-            }
-        }
+        // Sockets readiness mode, or with GRO the ring's polls, found readable.
         let result = self.idle_recv_ready(pool, out);
         self.refill(pool)?;
         result
@@ -653,7 +626,8 @@ impl PacketIo for UringIo {
             }
         }
         if self.gro {
-            // The ring's buffers hold runs: the new socket may have GRO (or, refused, not).
+            // The ring polls the sockets and receives take runs: the new socket may have GRO
+            // (or, refused, not).
             udp.enable_gro(&mut self.stats);
         }
         self.ring.replace_udp(udp.as_fd())?;

@@ -12,7 +12,8 @@ use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
 use super::UringIo;
 use crate::calls::{MmsgCalls, POLL_OWN, Readiness, write_packet_batch};
-use crate::peers::MAX_CONNECTED_PEERS;
+use crate::peers::{MAX_CONNECTED_PEERS, PeerSockets};
+use crate::vnet::TURN_PACKETS;
 
 /// How long the link must have been quiet before the backend sleeps in readiness mode.
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_millis(1);
@@ -28,6 +29,15 @@ pub(super) const READY_UDP: u64 = 1;
 pub(super) const READY_TUN: u64 = 2;
 const PEER_BIT0: usize = 2;
 const _: () = assert!(PEER_BIT0 + MAX_CONNECTED_PEERS <= 64, "readiness bits fit a u64");
+
+/// The readiness bit of the socket with ring id `id` (0: the shared socket; else a peer's, by
+/// its place in `peers`); 0 for a socket no longer listed.
+pub(super) fn ready_bit(peers: &PeerSockets, id: u32) -> u64 {
+    if id == 0 {
+        return READY_UDP;
+    }
+    peers.list.iter().position(|p| p.id == id).map_or(0, |i| 1 << (PEER_BIT0 + i))
+}
 
 /// The readiness mode's state, and the plain calls it moves packets with.
 pub(super) struct Quiet {
@@ -147,8 +157,8 @@ impl UringIo {
         Ok(())
     }
 
-    /// Receives, the plain way, on every socket `epoll_wait` found readable. A full batch
-    /// means more is waiting: the ring takes over.
+    /// Receives, the plain way, on every socket `epoll_wait` (or, with GRO, the ring's poll)
+    /// found readable. A full batch means more is waiting: the ring takes over.
     pub(super) fn idle_recv_ready(&mut self, pool: &mut BufPool, out: &mut Vec<Datagram>) -> io::Result<()> {
         let mut result = Ok(());
         if self.quiet.ready & READY_UDP != 0 {
@@ -168,7 +178,9 @@ impl UringIo {
         result
     }
 
-    /// Receives on the shared socket (`None`) or peer socket `i`.
+    /// Receives on the shared socket (`None`) or peer socket `i`. More waiting brings the
+    /// ring back; with GRO (the ring polls the sockets, and a poll reports new input, not
+    /// input left over) the socket also stays marked readable, for the next turn.
     fn idle_recv(
         &mut self,
         peer: Option<usize>,
@@ -179,9 +191,21 @@ impl UringIo {
             None => self.udp.as_fd(),
             Some(i) => self.peers.list[i].sock.as_fd(),
         };
-        let (more, result) = self.quiet.calls.recv(fd, pool, out, &mut self.stats);
+        let start = out.len();
+        let (mut more, mut result) = self.quiet.calls.recv(fd, pool, out, &mut self.stats);
+        // With GRO in ring mode, each call brings a few receives: runs, or single datagrams
+        // from a peer that sends them one by one. Up to a turn's worth in one go.
+        while self.gro && !self.quiet.active && more && result.is_ok() && out.len() - start < TURN_PACKETS {
+            (more, result) = self.quiet.calls.recv(fd, pool, out, &mut self.stats);
+        }
         if more && result.is_ok() {
             self.quiet.active = false;
+            if self.gro {
+                self.quiet.ready |= match peer {
+                    None => READY_UDP,
+                    Some(i) => 1 << (PEER_BIT0 + i),
+                };
+            }
         }
         result
     }

@@ -16,10 +16,10 @@ pub(crate) enum Event {
         /// The packets it carried (more than one: a coalesced run).
         packets: usize,
     },
-    /// A datagram arrived (from `Datagram::addr`); with UDP GRO, a run of datagrams of the
-    /// given size (the last may be shorter; 0: one datagram), in a buffer of the ring's own
-    /// pool for [`Ring::recycle_udp_buf`](super::Ring::recycle_udp_buf).
-    Received(Datagram, u16),
+    /// A datagram arrived (from `Datagram::addr`).
+    Received(Datagram),
+    /// With UDP GRO: socket `id` (0: the shared one) has input to receive.
+    Readable(u32),
     /// A datagram was larger than the buffers (dropped).
     Truncated,
     /// A receive failed (other than by cancellation or `ENOBUFS`).
