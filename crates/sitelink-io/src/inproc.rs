@@ -34,11 +34,16 @@ pub const OUTBOUND_QUEUE: usize = 1024;
 pub const INBOUND_QUEUE: usize = 4096;
 /// Free buffers kept between the application and the workers.
 const FREE_QUEUE: usize = 4096;
-/// A worker tops the free queue up to this many buffers from its pool, and takes buffers
-/// back from it when its pool runs low and the queue holds more than twice this.
+/// A worker tops the free queue up to this many buffers from its pool, and takes what the
+/// queue holds beyond this back into its pool when the pool is short.
 const FREE_LOW: usize = 256;
-/// A worker's pool counts as low below this many free buffers.
+/// A worker's pool keeps at least this many free buffers for the free queue.
 const POOL_LOW: usize = 64;
+/// A worker's pool counts as short below this many free buffers: a few turns' worth. (A
+/// receiving link's pools drain into the application's inbound queue, and its buffers come
+/// back through the free queue: taken back before the pool runs dry, they are not allocated
+/// again.)
+const POOL_SHORT: usize = 256;
 
 /// Counters of the in-process packet side.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -435,8 +440,8 @@ impl InProcessSide {
                     break;
                 }
             }
-        } else if pool.free_len() < POOL_LOW && queued > 2 * FREE_LOW {
-            for _ in 0..(POOL_LOW - pool.free_len()).min(queued - 2 * FREE_LOW) {
+        } else if pool.free_len() < POOL_SHORT && queued > FREE_LOW {
+            for _ in 0..(POOL_SHORT - pool.free_len()).min(queued - FREE_LOW) {
                 match free.pop() {
                     Some(buf) => pool.put(buf),
                     None => break,
@@ -746,5 +751,15 @@ mod tests {
         assert_eq!(app.stats().buffers_allocated, before, "served from the free queue");
         drop(held);
         assert_eq!(side.shared.free.len(), FREE_LOW, "unsent packets' buffers come back");
+        // A receiving link's pool drains into the application; what comes back beyond the
+        // free queue's share refills it.
+        let mut drained = pool.clone_empty();
+        for _ in 0..300 {
+            side.shared.free.push(PacketBuf::new(pool.buf_capacity(), 0)).expect("room");
+        }
+        side.balance(&mut drained);
+        assert_eq!((drained.free_len(), side.shared.free.len()), (256, 300));
+        side.balance(&mut drained);
+        assert_eq!((drained.free_len(), side.shared.free.len()), (256, 300), "and no further");
     }
 }

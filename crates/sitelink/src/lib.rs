@@ -345,6 +345,7 @@ impl LinkBuilder {
             // Filled here, so that a link's startup allocations are all made when it returns.
             let mut pool = lock(&shared.device).pool_mut().clone_empty();
             pool.prefill(worker::WORKER_PREFILL);
+            shared.workers[index].buffers_allocated.store(pool.allocated(), Ordering::Relaxed);
             let spawned = std::thread::Builder::new()
                 .name(format!("sitelink-worker-{index}"))
                 .spawn(move || worker::run_guarded(worker_shared, index, io, pool));
