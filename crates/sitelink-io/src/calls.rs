@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sitelink_frame::{BufPool, DEFAULT_TAILROOM, Datagram, PacketBuf};
 
-use crate::gro::ScatterSlot;
+use crate::gro::GroReceiver;
 use crate::peers::{self, MAX_CONNECTED_PEERS, PeerSockets};
 use crate::socket::UdpSocket;
 use crate::stats::IoStats;
@@ -53,15 +53,10 @@ pub(crate) fn group_for_gso(dgrams: &[Datagram], gso: bool, groups: &mut Vec<Sen
     }
 }
 
-/// Receives one `recvmmsg` makes on a socket with UDP GRO on: each scattered over pooled
-/// buffers, one datagram to a buffer ([`ScatterSlot`]).
-/// (8 runs of up to 64 datagrams: several turns' worth, see [`crate::vnet::TURN_PACKETS`].)
-pub(crate) const GRO_BATCH: usize = 8;
-
 /// What a failed `recvmmsg` means for [`MmsgCalls::recv`]'s answer: nothing waiting, or an
 /// error counted. Pending ICMP errors (port unreachable from an old send) surface here; they
 /// are counted and the socket stays usable.
-fn recv_failed(e: io::Error, stats: &mut IoStats) -> (bool, io::Result<()>) {
+pub(crate) fn recv_failed(e: io::Error, stats: &mut IoStats) -> (bool, io::Result<()>) {
     if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
         return (false, Ok(()));
     }
@@ -78,17 +73,8 @@ pub(crate) struct MmsgCalls {
     addrs: Vec<Option<SocketAddr>>,
     truncated: Vec<bool>,
     batch: usize,
-    /// With UDP GRO on: one slot a receive.
-    gro: Option<Vec<ScatterSlot>>,
-    /// The piece size receives are laid out for: the segment size of the last run (0 until
-    /// one came: then pieces as large as a buffer takes).
-    gro_piece: usize,
-    /// Of the last GRO `recvmmsg`: how many receives came, how many are handed out in order
-    /// (the rest wait for the next call: a turn's worth at a time), and which of those went
-    /// ahead ([`crate::gro::small_first`]).
-    gro_got: usize,
-    gro_cut: usize,
-    gro_done: [bool; GRO_BATCH],
+    /// With UDP GRO on: the receives, scattered and held.
+    gro: Option<GroReceiver>,
 }
 
 impl MmsgCalls {
@@ -101,19 +87,13 @@ impl MmsgCalls {
             truncated: vec![false; batch],
             batch,
             gro: None,
-            gro_piece: 0,
-            gro_got: 0,
-            gro_cut: 0,
-            gro_done: [false; GRO_BATCH],
         }
     }
 
     /// Receives runs of datagrams (the sockets have UDP GRO on), scattered over pooled
     /// buffers; or, with `false`, one datagram per pooled buffer.
     pub(crate) fn set_gro(&mut self, on: bool) {
-        self.gro_got = 0;
-        self.gro_cut = 0;
-        self.gro = on.then(|| (0..GRO_BATCH.min(self.batch)).map(|_| ScatterSlot::new()).collect());
+        self.gro = on.then(GroReceiver::new);
     }
 
     /// One `recvmmsg` on `sock` into pooled buffers, appending what arrived whole to `out`:
@@ -126,13 +106,13 @@ impl MmsgCalls {
         out: &mut Vec<Datagram>,
         stats: &mut IoStats,
     ) -> (bool, io::Result<()>) {
-        if self.gro.is_some() {
-            return self.recv_runs(sock, pool, out, stats);
+        if let Some(gro) = &mut self.gro {
+            return gro.recv(&mut self.msgs, sock, pool, out, stats);
         }
         while self.bufs.len() < self.batch {
             self.bufs.push(pool.get());
         }
-        let got = match self.msgs.recv(sock, &mut self.bufs, &mut self.addrs, &mut self.truncated, None) {
+        let got = match self.msgs.recv(sock, &mut self.bufs, &mut self.addrs, &mut self.truncated) {
             Ok(n) => n,
             Err(e) => return recv_failed(e, stats),
         };
@@ -152,94 +132,20 @@ impl MmsgCalls {
         (got == self.batch, Ok(()))
     }
 
-    /// [`recv`](Self::recv) with UDP GRO on: each receive may be a run of datagrams, each
-    /// landing in a pooled buffer of its own ([`ScatterSlot`]), handed out up to a turn's
-    /// worth ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) a call; what a `recvmmsg` brought
-    /// beyond that is handed out at the next call (from whichever socket) before anything new
-    /// is received.
-    fn recv_runs(
-        &mut self,
-        sock: BorrowedFd<'_>,
-        pool: &mut BufPool,
-        out: &mut Vec<Datagram>,
-        stats: &mut IoStats,
-    ) -> (bool, io::Result<()>) {
-        let start = out.len();
-        if self.cut_runs(start, pool, out, stats) {
-            return (true, Ok(()));
-        }
-        let slots = self.gro.as_mut().expect("GRO on");
-        let piece = if self.gro_piece == 0 { usize::MAX } else { self.gro_piece };
-        for slot in slots.iter_mut() {
-            slot.prepare(piece, pool);
-        }
-        let got = match self.msgs.recv_scattered(sock, slots) {
-            Ok(n) => n,
-            Err(e) => return recv_failed(e, stats),
-        };
-        // The next receives are laid out for the size of the last run.
-        if let Some(run) = slots[..got].iter().rev().find(|s| s.datagrams() > 1) {
-            self.gro_piece = usize::from(run.segment);
-        }
-        let full = got == slots.len();
-        self.gro_got = got;
-        self.gro_cut = 0;
-        self.gro_done = [false; GRO_BATCH];
-        let more = self.cut_runs(start, pool, out, stats);
-        (full || more, Ok(()))
-    }
-
-    /// Whether receives of the last GRO `recvmmsg` wait to be handed out
-    /// ([`cut_held`](Self::cut_held)).
+    /// Whether GRO receives are held, not handed out yet ([`cut_held`](Self::cut_held)).
     pub(crate) fn has_held(&self) -> bool {
-        self.gro_cut < self.gro_got
+        self.gro.as_ref().is_some_and(GroReceiver::has_held)
     }
 
-    /// Hands out a turn's worth of held receives into `out` (for a backend that stopped
-    /// calling [`recv`](Self::recv): the uring backend back in its ring mode); returns whether
-    /// some are still held.
+    /// Hands out a turn's worth of held receives into `out` (for a backend that has no socket
+    /// to call [`recv`](Self::recv) on this turn); returns whether some are still held.
     pub(crate) fn cut_held(
         &mut self,
         pool: &mut BufPool,
         out: &mut Vec<Datagram>,
         stats: &mut IoStats,
     ) -> bool {
-        self.cut_runs(out.len(), pool, out, stats)
-    }
-
-    /// Hands out held receives until `out` has grown by a turn's worth since `start`, small
-    /// lone datagrams held behind runs first ([`crate::gro::small_first`]); returns whether
-    /// some are still held.
-    fn cut_runs(
-        &mut self,
-        start: usize,
-        pool: &mut BufPool,
-        out: &mut Vec<Datagram>,
-        stats: &mut IoStats,
-    ) -> bool {
-        let Some(slots) = self.gro.as_mut() else { return false };
-        if self.gro_cut >= self.gro_got {
-            return false;
-        }
-        let held = &mut slots[self.gro_cut..self.gro_got];
-        let mut ahead = [false; GRO_BATCH];
-        crate::gro::small_first(held.iter().map(|s| (s.len, s.segment)), &mut ahead);
-        for ((slot, ahead), done) in held.iter_mut().zip(ahead).zip(&mut self.gro_done[self.gro_cut..]) {
-            if ahead && !*done {
-                slot.take(pool, out, stats);
-                *done = true;
-            }
-        }
-        while self.gro_cut < self.gro_got {
-            if out.len() - start >= crate::vnet::TURN_PACKETS {
-                return true;
-            }
-            if !self.gro_done[self.gro_cut] {
-                slots[self.gro_cut].take(pool, out, stats);
-            }
-            self.gro_cut += 1;
-        }
-        false
+        self.gro.as_mut().is_some_and(|gro| gro.hand_out(out.len(), pool, out, stats))
     }
 
     /// Sends `dgrams` (drained, their buffers back to `pool`): runs of equal datagrams to one

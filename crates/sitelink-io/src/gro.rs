@@ -5,9 +5,14 @@
 //! one buffer per datagram without a copy; only a run whose size differs from the guess is
 //! copied apart.
 
+use std::io;
 use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
+
+use crate::aqm::Codel;
+use crate::sys::MsgBatch;
 
 use crate::stats::IoStats;
 
@@ -17,27 +22,48 @@ pub(crate) const UDP_GRO: libc::c_int = 104;
 /// The most one receive with GRO returns: a whole UDP datagram's worth.
 pub(crate) const GRO_READ_MAX: usize = 65_535;
 
-/// The segment size a `UDP_GRO` control message in `control` (the raw bytes the kernel wrote:
-/// `cmsghdr`s, each followed by its data) gives, if there is one.
-pub(crate) fn gro_segment(control: &[u8]) -> Option<u16> {
-    const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
-    const ALIGN: usize = std::mem::size_of::<usize>();
-    let mut at = 0;
-    while at + HDR <= control.len() {
-        let c = &control[at..];
-        let len = usize::from_ne_bytes(c[..ALIGN].try_into().expect("a usize"));
-        let level = libc::c_int::from_ne_bytes(c[ALIGN..ALIGN + 4].try_into().expect("an int"));
-        let kind = libc::c_int::from_ne_bytes(c[ALIGN + 4..ALIGN + 8].try_into().expect("an int"));
-        if len < HDR || at + len > control.len() {
-            return None;
+/// What a receive's control messages tell: the `UDP_GRO` segment size and the arrival stamp.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Control {
+    /// The segment size of a run (0: one datagram).
+    pub(crate) segment: u16,
+    /// When the kernel took the datagram in (`SCM_TIMESTAMPNS`: ns of the realtime clock).
+    pub(crate) stamp: Option<u64>,
+}
+
+impl Control {
+    /// Reads `control` (the raw bytes the kernel wrote: `cmsghdr`s, each followed by its
+    /// data), stopping at a header that does not fit.
+    pub(crate) fn parse(control: &[u8]) -> Control {
+        const HDR: usize = std::mem::size_of::<libc::cmsghdr>();
+        const ALIGN: usize = std::mem::size_of::<usize>();
+        let mut found = Control::default();
+        let mut at = 0;
+        while at + HDR <= control.len() {
+            let c = &control[at..];
+            let len = usize::from_ne_bytes(c[..ALIGN].try_into().expect("a usize"));
+            let level = libc::c_int::from_ne_bytes(c[ALIGN..ALIGN + 4].try_into().expect("an int"));
+            let kind = libc::c_int::from_ne_bytes(c[ALIGN + 4..ALIGN + 8].try_into().expect("an int"));
+            if len < HDR || at + len > control.len() {
+                break;
+            }
+            let data = &c[HDR..len];
+            if level == libc::SOL_UDP && kind == UDP_GRO && data.len() >= 4 {
+                let size = libc::c_int::from_ne_bytes(data[..4].try_into().expect("an int"));
+                found.segment = u16::try_from(size).unwrap_or(0);
+            }
+            if level == libc::SOL_SOCKET && kind == libc::SCM_TIMESTAMPNS && data.len() >= 16 {
+                let sec = i64::from_ne_bytes(data[..8].try_into().expect("8 bytes"));
+                let nsec = i64::from_ne_bytes(data[8..16].try_into().expect("8 bytes"));
+                found.stamp = u64::try_from(sec)
+                    .ok()
+                    .zip(u64::try_from(nsec).ok())
+                    .map(|(s, n)| s.saturating_mul(1_000_000_000).saturating_add(n));
+            }
+            at += len.next_multiple_of(ALIGN);
         }
-        if level == libc::SOL_UDP && kind == UDP_GRO && len >= HDR + 4 {
-            let size = libc::c_int::from_ne_bytes(c[HDR..HDR + 4].try_into().expect("an int"));
-            return u16::try_from(size).ok();
-        }
-        at += len.next_multiple_of(ALIGN);
+        found
     }
-    None
 }
 
 /// The most datagrams the kernel merges into one receive (`UDP_GRO_CNT_MAX`).
@@ -48,17 +74,18 @@ pub(crate) const GRO_MAX_SEGMENTS: usize = 64;
 pub(crate) const SMALL_DATAGRAM: usize = 256;
 
 /// Which of the held receives `held` (each one's length and segment size, in arrival order)
-/// may go ahead of the others: a lone datagram of at most [`SMALL_DATAGRAM`] bytes behind a
-/// run of several. What a bulk transfer's runs hold back is then a turn's wait for it at
-/// most. (Small datagrams are not all of other flows, but a bulk flow's are few: at worst one
-/// segment of it arrives before its elders, which TCP takes as reordering, not loss.) Marks
-/// them in `ahead`.
+/// go out first: the small ones, a lone datagram or a run of datagrams of at most
+/// [`SMALL_DATAGRAM`] bytes, in their order, ahead of the bulk ones, which keep theirs. What
+/// a bulk transfer's runs hold back is then a turn's wait for a ping or an acknowledgement at
+/// most. The flows inside are sealed, so this is a guess at them; it never reorders small
+/// datagrams among themselves (a small flow's packets may come lone or in a run: a sender
+/// batches datagrams by size and peer, not by flow), and a bulk flow's own small datagrams
+/// are few (the last segment of a burst): at worst one of them arrives before its elders,
+/// which TCP takes as reordering, not loss. Marks them in `ahead`.
 pub(crate) fn small_first(held: impl IntoIterator<Item = (usize, u16)>, ahead: &mut [bool]) {
-    let mut behind_a_run = false;
     for ((len, segment), ahead) in held.into_iter().zip(ahead.iter_mut()) {
         let lone = segment == 0 || len <= usize::from(segment);
-        *ahead = behind_a_run && lone && len <= SMALL_DATAGRAM;
-        behind_a_run |= !lone;
+        *ahead = if lone { len <= SMALL_DATAGRAM } else { usize::from(segment) <= SMALL_DATAGRAM };
     }
 }
 
@@ -83,6 +110,8 @@ pub(crate) struct ScatterSlot {
     pub(crate) addr: Option<SocketAddr>,
     pub(crate) truncated: bool,
     pub(crate) segment: u16,
+    /// When the kernel took the receive in (ns of the realtime clock), if it said.
+    pub(crate) stamp: Option<u64>,
 }
 
 impl ScatterSlot {
@@ -96,6 +125,7 @@ impl ScatterSlot {
             addr: None,
             truncated: false,
             segment: 0,
+            stamp: None,
         }
     }
 
@@ -117,6 +147,7 @@ impl ScatterSlot {
         self.addr = None;
         self.truncated = false;
         self.segment = 0;
+        self.stamp = None;
     }
 
     /// How many datagrams the receive brought.
@@ -137,7 +168,18 @@ impl ScatterSlot {
 
     /// Moves the receive's datagrams to `out`: the buffers they landed in, replaced from
     /// `pool`; or, where they did not land one to a buffer, copies in buffers from `pool`.
-    pub(crate) fn take(&mut self, pool: &mut BufPool, out: &mut Vec<Datagram>, stats: &mut IoStats) {
+    /// Bulk datagrams (larger than [`SMALL_DATAGRAM`]) that `queue` says waited too long by
+    /// `now` (ns of the realtime clock), with more input waiting behind them (`backlog`), are
+    /// dropped instead, and counted.
+    pub(crate) fn take(
+        &mut self,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+        stats: &mut IoStats,
+        queue: &mut Codel,
+        now: u64,
+        backlog: bool,
+    ) {
         let addr = match (self.addr, self.truncated) {
             (Some(addr), false) => addr,
             _ => {
@@ -153,9 +195,18 @@ impl ScatterSlot {
             0 => self.len.max(1),
             s => s,
         };
+        let waited = self.stamp.map(|stamp| crate::aqm::sojourn(stamp, now));
+        let mut too_late = |len: usize| {
+            let drop = len > SMALL_DATAGRAM && waited.is_some_and(|w| queue.drop(w, now, backlog));
+            stats.udp_queue_drops += u64::from(drop);
+            drop
+        };
         if self.landed_in_place() {
             for i in 0..count {
                 let len = (self.len - i * size).min(size);
+                if too_late(len) {
+                    continue; // (the buffer stays, for the next receive)
+                }
                 let mut buf = std::mem::replace(&mut self.bufs[i], pool.get());
                 buf.set_len(len).expect("the kernel wrote within the piece");
                 stats.udp_rx += 1;
@@ -163,10 +214,13 @@ impl ScatterSlot {
             }
             return;
         }
-        stats.udp_gro_copied += count as u64;
         for i in 0..count {
             let from = i * size;
             let to = (from + size).min(self.len);
+            if too_late(to - from) {
+                continue;
+            }
+            stats.udp_gro_copied += 1;
             let mut buf = pool.get();
             match buf.set_len(to - from) {
                 Ok(()) => {
@@ -201,41 +255,165 @@ impl ScatterSlot {
     }
 }
 
+/// Receives one `recvmmsg` makes with UDP GRO on (runs of up to 64 datagrams each).
+pub(crate) const RECV_SLOTS: usize = 8;
+
+/// Receives held at most: two calls' worth. A call receives whenever a call's worth of slots
+/// is free, before handing anything out, so that a small datagram that arrived behind held
+/// runs is seen a call later at most, and goes first ([`small_first`]).
+pub(crate) const HELD_SLOTS: usize = 2 * RECV_SLOTS;
+
+/// The receive side of a backend with UDP GRO on: receives scattered one datagram to a
+/// buffer ([`ScatterSlot`]), held and handed out a turn's worth
+/// ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) at a time, small lone datagrams first, with
+/// the queue's delay kept short ([`Codel`]).
+pub(crate) struct GroReceiver {
+    /// `slots[..held]` hold receives not handed out yet, in arrival order; the rest are free.
+    slots: Vec<ScatterSlot>,
+    held: usize,
+    /// The piece size receives are laid out for: the segment size of the last run (0 until
+    /// one came: then pieces as large as a buffer takes).
+    piece: usize,
+    /// The last `recvmmsg` filled every slot it was given: the socket may hold more.
+    full: bool,
+    /// The receive queue's delay, kept short.
+    queue: Codel,
+}
+
+impl GroReceiver {
+    pub(crate) fn new() -> GroReceiver {
+        GroReceiver {
+            slots: (0..HELD_SLOTS).map(|_| ScatterSlot::new()).collect(),
+            held: 0,
+            piece: 0,
+            full: false,
+            queue: Codel::default(),
+        }
+    }
+
+    /// Whether receives are held, not handed out yet.
+    pub(crate) fn has_held(&self) -> bool {
+        self.held > 0
+    }
+
+    /// Receives on `sock` (with `msgs`) if a call's worth of slots is free, then hands out a
+    /// turn's worth of what is held to `out`. Returns whether more may be waiting (held, or
+    /// left in the socket by a full call), and the error to report.
+    pub(crate) fn recv(
+        &mut self,
+        msgs: &mut MsgBatch,
+        sock: BorrowedFd<'_>,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+        stats: &mut IoStats,
+    ) -> (bool, io::Result<()>) {
+        let start = out.len();
+        let mut result = Ok(());
+        if self.held + RECV_SLOTS <= HELD_SLOTS {
+            let free = &mut self.slots[self.held..self.held + RECV_SLOTS];
+            let piece = if self.piece == 0 { usize::MAX } else { self.piece };
+            for slot in free.iter_mut() {
+                slot.prepare(piece, pool);
+            }
+            match msgs.recv_scattered(sock, free) {
+                Ok(got) => {
+                    // The next receives are laid out for the size of the last run.
+                    if let Some(run) = free[..got].iter().rev().find(|s| s.datagrams() > 1) {
+                        self.piece = usize::from(run.segment);
+                    }
+                    self.full = got == free.len();
+                    self.held += got;
+                }
+                Err(e) => {
+                    let (more, r) = crate::calls::recv_failed(e, stats);
+                    self.full = more;
+                    result = r;
+                }
+            }
+        }
+        let held = self.hand_out(start, pool, out, stats);
+        (held || self.full, result)
+    }
+
+    /// Hands out held receives until `out` has grown by a turn's worth since `start`, small
+    /// ones first ([`small_first`]); returns whether some are still held.
+    pub(crate) fn hand_out(
+        &mut self,
+        start: usize,
+        pool: &mut BufPool,
+        out: &mut Vec<Datagram>,
+        stats: &mut IoStats,
+    ) -> bool {
+        if self.held == 0 {
+            return false;
+        }
+        let now = crate::sys::realtime_ns();
+        let mut ahead = [false; HELD_SLOTS];
+        small_first(self.slots[..self.held].iter().map(|s| (s.len, s.segment)), &mut ahead);
+        // Taken out of the held ones keeping their order, a turn's worth; input waits behind a
+        // receive if a later one is held, or the socket had more than the last call took.
+        let mut i = 0;
+        for ahead in &ahead[..self.held] {
+            if *ahead && out.len() - start < crate::vnet::TURN_PACKETS {
+                self.take(i, pool, out, stats, now);
+            } else {
+                i += 1;
+            }
+        }
+        while self.held > 0 && out.len() - start < crate::vnet::TURN_PACKETS {
+            self.take(0, pool, out, stats, now);
+        }
+        self.held > 0
+    }
+
+    /// Hands out held receive `i` and frees its slot.
+    fn take(&mut self, i: usize, pool: &mut BufPool, out: &mut Vec<Datagram>, stats: &mut IoStats, now: u64) {
+        let backlog = i + 1 < self.held || self.full;
+        self.slots[i].take(pool, out, stats, &mut self.queue, now, backlog);
+        self.slots[i..self.held].rotate_left(1);
+        self.held -= 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn cmsg(level: libc::c_int, kind: libc::c_int, value: libc::c_int) -> Vec<u8> {
-        let len = std::mem::size_of::<libc::cmsghdr>() + 4;
+    fn cmsg(level: libc::c_int, kind: libc::c_int, data: &[u8]) -> Vec<u8> {
+        let len = std::mem::size_of::<libc::cmsghdr>() + data.len();
         let mut c = Vec::new();
         c.extend_from_slice(&len.to_ne_bytes());
         c.extend_from_slice(&level.to_ne_bytes());
         c.extend_from_slice(&kind.to_ne_bytes());
-        c.extend_from_slice(&value.to_ne_bytes());
+        c.extend_from_slice(data);
         c.resize(len.next_multiple_of(8), 0);
         c
     }
 
     #[test]
-    fn finds_the_segment_size_among_control_messages() {
-        let mut control = cmsg(libc::SOL_IP, 8, 7);
-        control.extend(cmsg(libc::SOL_UDP, UDP_GRO, 1452));
-        assert_eq!(gro_segment(&control), Some(1452));
-        assert_eq!(gro_segment(&cmsg(libc::SOL_IP, 8, 7)), None);
-        assert_eq!(gro_segment(&[]), None);
+    fn finds_the_segment_size_and_stamp_among_control_messages() {
+        let gro = cmsg(libc::SOL_UDP, UDP_GRO, &1452i32.to_ne_bytes());
+        let stamp =
+            cmsg(libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS, &[5i64.to_ne_bytes(), 7i64.to_ne_bytes()].concat());
+        let mut control = cmsg(libc::SOL_IP, 8, &7i32.to_ne_bytes());
+        control.extend(&gro);
+        control.extend(&stamp);
+        assert_eq!(Control::parse(&control), Control { segment: 1452, stamp: Some(5_000_000_007) });
+        assert_eq!(Control::parse(&stamp).segment, 0);
+        assert_eq!(Control::parse(&[]), Control::default());
         // A length that runs past the end is not followed.
-        let mut bad = cmsg(libc::SOL_UDP, UDP_GRO, 1452);
+        let mut bad = gro.clone();
         bad[0] = 200;
-        assert_eq!(gro_segment(&bad), None);
-        assert_eq!(gro_segment(&bad[..10]), None);
+        assert_eq!(Control::parse(&bad), Control::default());
+        assert_eq!(Control::parse(&gro[..10]), Control::default());
     }
 
     #[test]
-    fn small_lone_datagrams_behind_a_run_go_first() {
-        let held = [(128, 0), (4000, 1000), (128, 0), (1400, 0), (96, 96), (500, 100)];
-        let mut ahead = [false; 6];
+    fn small_datagrams_and_runs_go_first() {
+        let held = [(128, 0), (4000, 1000), (128, 0), (1400, 0), (96, 96), (500, 100), (300, 0)];
+        let mut ahead = [false; 7];
         small_first(held, &mut ahead);
-        assert_eq!(ahead, [false, false, true, false, true, false]);
+        assert_eq!(ahead, [true, false, true, false, true, true, false]);
     }
 
     /// What a scattered receive of `data` (a run of `segment`-byte datagrams) leaves in
@@ -268,7 +446,7 @@ mod tests {
         receive(&mut slot, &data, 1452);
         let first: Vec<*const u8> = slot.bufs[..45].iter().map(|b| b.data().as_ptr()).collect();
         let (mut out, mut stats) = (Vec::new(), IoStats::default());
-        slot.take(&mut pool, &mut out, &mut stats);
+        slot.take(&mut pool, &mut out, &mut stats, &mut Codel::default(), 0, false);
         assert_eq!(out.len(), 45);
         assert_eq!(out.iter().map(|d| d.buf.data().as_ptr()).collect::<Vec<_>>(), first, "the same buffers");
         assert_eq!(out.iter().flat_map(|d| d.buf.data().to_vec()).collect::<Vec<_>>(), data);
@@ -286,7 +464,7 @@ mod tests {
         let data = run(80);
         receive(&mut slot, &data, 0);
         let (mut out, mut stats) = (Vec::new(), IoStats::default());
-        slot.take(&mut pool, &mut out, &mut stats);
+        slot.take(&mut pool, &mut out, &mut stats, &mut Codel::default(), 0, false);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].buf.data(), &data[..]);
         assert_eq!((stats.udp_gro_reads, stats.udp_gro_copied), (0, 0));
@@ -303,7 +481,7 @@ mod tests {
             let data = run(len);
             receive(&mut slot, &data, segment);
             let (mut out, mut stats) = (Vec::new(), IoStats::default());
-            slot.take(&mut pool, &mut out, &mut stats);
+            slot.take(&mut pool, &mut out, &mut stats, &mut Codel::default(), 0, false);
             let size = if segment == 0 { len } else { usize::from(segment) };
             assert_eq!(out.len(), len.div_ceil(size), "{piece} {segment}");
             assert!(out.iter().all(|d| d.buf.len() == size || d.buf.len() == len % size));
@@ -320,12 +498,75 @@ mod tests {
         receive(&mut slot, &run(100), 0);
         slot.truncated = true;
         let (mut out, mut stats) = (Vec::new(), IoStats::default());
-        slot.take(&mut pool, &mut out, &mut stats);
+        slot.take(&mut pool, &mut out, &mut stats, &mut Codel::default(), 0, false);
         slot.truncated = false;
         slot.addr = None;
-        slot.take(&mut pool, &mut out, &mut stats);
+        slot.take(&mut pool, &mut out, &mut stats, &mut Codel::default(), 0, false);
         assert!(out.is_empty());
         assert_eq!(stats.udp_truncated, 2);
+    }
+
+    #[test]
+    fn held_receives_go_out_small_ones_first_then_in_order() {
+        let mut pool = BufPool::for_mtu(1420, 1024);
+        let mut gro = GroReceiver::new();
+        let contents: [(Vec<u8>, u16); 4] = [
+            (vec![1; 1452 * 40], 1452),
+            (vec![2; 100], 0),
+            (vec![3; 1452 * 40], 1452),
+            (vec![4; 1452 * 5], 1452),
+        ];
+        for (i, (data, segment)) in contents.iter().enumerate() {
+            gro.slots[i].prepare(1452, &mut pool);
+            receive(&mut gro.slots[i], data, *segment);
+        }
+        gro.held = 4;
+        let (mut out, mut stats) = (Vec::new(), IoStats::default());
+        // A turn's worth: the small one, then whole receives in order until the turn is full.
+        assert!(gro.hand_out(0, &mut pool, &mut out, &mut stats), "one receive is still held");
+        let firsts: Vec<u8> = out.iter().map(|d| d.buf.data()[0]).collect();
+        let mut want = vec![2];
+        want.extend([1; 40]);
+        want.extend([3; 40]);
+        assert_eq!(firsts, want);
+        assert_eq!(gro.held, 1);
+        out.clear();
+        assert!(!gro.hand_out(0, &mut pool, &mut out, &mut stats));
+        assert_eq!(out.iter().map(|d| d.buf.data()[0]).collect::<Vec<_>>(), vec![4; 5]);
+        assert_eq!(stats.udp_rx, 86);
+    }
+
+    #[test]
+    fn bulk_datagrams_that_waited_behind_a_standing_queue_are_dropped_small_ones_never() {
+        const MS: u64 = 1_000_000;
+        let mut pool = BufPool::for_mtu(1420, 1024);
+        let mut queue = Codel::default();
+        let (mut out, mut stats) = (Vec::new(), IoStats::default());
+        let mut slot = ScatterSlot::new();
+        let mut small = 0;
+        // Every 100 us a receive that waited 3 ms, with more behind it: a run, or a ping.
+        for step in 0..1000u64 {
+            let now = 1_000 * MS + step * 100_000;
+            let (data, segment) = if step % 10 == 0 { (vec![7; 84], 0) } else { (vec![1; 1452 * 4], 1452) };
+            slot.prepare(1452, &mut pool);
+            receive(&mut slot, &data, segment);
+            slot.stamp = Some(now - 3 * MS);
+            slot.take(&mut pool, &mut out, &mut stats, &mut queue, now, true);
+            small += out.iter().filter(|d| d.buf.len() == 84).count();
+            out.drain(..).for_each(|d| pool.put(d.buf));
+        }
+        assert!(stats.udp_queue_drops > 10, "{stats:?}");
+        assert_eq!(small, 100, "every ping went through");
+        assert_eq!(stats.udp_rx + stats.udp_queue_drops, 900 * 4 + 100);
+        // Without stamps, or with nothing behind, nothing is dropped.
+        let mut fresh = IoStats::default();
+        for (stamp, backlog) in [(None, true), (Some(0), false)] {
+            slot.prepare(1452, &mut pool);
+            receive(&mut slot, &[1; 1452 * 4], 1452);
+            slot.stamp = stamp;
+            slot.take(&mut pool, &mut out, &mut fresh, &mut queue, 2_000 * MS, backlog);
+        }
+        assert_eq!((fresh.udp_rx, fresh.udp_queue_drops), (8, 0));
     }
 
     #[test]

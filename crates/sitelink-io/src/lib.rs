@@ -21,6 +21,7 @@
 
 #![deny(unsafe_code)]
 
+mod aqm;
 mod backend;
 mod calls;
 mod faults;
@@ -76,7 +77,7 @@ pub const DEFAULT_BATCH: usize = 64;
 /// The most pooled buffers a backend keeps lent to its UDP receives with GRO on: each
 /// receive is laid out over a buffer per datagram it may bring (see `gro.rs`). A worker's pool
 /// needs these on top of what its turns have in flight.
-pub const GRO_RECEIVE_BUFFERS: usize = calls::GRO_BATCH * gro::GRO_MAX_SEGMENTS;
+pub const GRO_RECEIVE_BUFFERS: usize = gro::HELD_SLOTS * gro::GRO_MAX_SEGMENTS;
 
 /// Opens the backend `kind` over `packets` (a TUN queue or pipe; `None` when the worker moves
 /// packets in process, as an embedded link does) and `udp`. If io_uring is asked for but

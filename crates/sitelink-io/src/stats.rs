@@ -43,6 +43,9 @@ pub struct IoStats {
     /// Datagrams of such receives that did not land one to a buffer (their size was not the
     /// one the receive was laid out for) and were copied into buffers of their own.
     pub udp_gro_copied: u64,
+    /// Bulk datagrams dropped unopened because they had waited too long in the socket's
+    /// receive queue (CoDel: the queue had stayed above its target delay; see `aqm.rs`).
+    pub udp_queue_drops: u64,
     /// Fallback: `TUNSETOFFLOAD` was refused, so packets come in one at a time (a level: 1 if so).
     pub tun_offload_refused: u64,
     /// Fallback: the TUN device's UDP segmentation offload was refused (a level: 1 if so).
@@ -77,6 +80,7 @@ impl IoStats {
             tun_offload_errors,
             udp_gro_reads,
             udp_gro_copied,
+            udp_queue_drops,
             tun_offload_refused,
             uso_refused,
             gro_write_refused,
@@ -101,6 +105,7 @@ impl IoStats {
         self.tun_offload_errors += tun_offload_errors;
         self.udp_gro_reads += udp_gro_reads;
         self.udp_gro_copied += udp_gro_copied;
+        self.udp_queue_drops += udp_queue_drops;
         self.tun_offload_refused += tun_offload_refused;
         self.uso_refused += uso_refused;
         self.gro_write_refused += gro_write_refused;

@@ -500,23 +500,44 @@ pub(crate) fn recv_buffer_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// Sets `UDP_GRO` on a socket: from now on a receive may bring a run of datagrams, with their
-/// size in a control message (which every receive on it must then ask for and read).
+/// size in a control message (which every receive on it must then ask for and read). Also asks
+/// for each datagram's arrival time (`SO_TIMESTAMPNS`, best effort: without it, no stamps),
+/// which the receives that read GRO's control messages read too (`aqm.rs`).
 pub(crate) fn set_udp_gro(fd: BorrowedFd<'_>) -> io::Result<()> {
     if crate::faults::refused(crate::Fault::UdpGro) {
         return Err(io::Error::from_raw_os_error(libc::ENOPROTOOPT));
     }
-    let one: libc::c_int = 1;
+    set_int_option(fd, libc::SOL_UDP, crate::gro::UDP_GRO, 1)?;
+    if let Err(e) = set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1) {
+        tracing::debug!(error = %e, "no receive timestamps: the receive queue's delay is not watched");
+    }
+    Ok(())
+}
+
+/// `setsockopt` of an `int` option.
+fn set_int_option(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local.
     check(unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
-            libc::SOL_UDP,
-            crate::gro::UDP_GRO,
-            (&one as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     })?;
     Ok(())
+}
+
+/// Nanoseconds of the realtime clock: the clock of the kernel's receive timestamps.
+pub(crate) fn realtime_ns() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Whether the kernel accepts `UDP_SEGMENT` (GSO) on this socket.

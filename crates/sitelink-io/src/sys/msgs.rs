@@ -13,6 +13,10 @@ use super::{RawAddr, check};
 /// Room for one `UDP_SEGMENT` control message.
 pub(crate) const GSO_CMSG_SPACE: usize = 32;
 
+/// Room for the control messages of a receive on a socket with `UDP_GRO` and
+/// `SO_TIMESTAMPNS`: an `int` (24 bytes with its header) and a `timespec` (32).
+const RECV_CMSG_SPACE: usize = 64;
+
 /// The most datagrams one GSO send carries (both backends group by it; the uring send slots
 /// are sized for it).
 pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
@@ -26,6 +30,8 @@ pub(crate) struct MsgBatch {
     scatter_iovs: Vec<libc::iovec>,
     addrs: Vec<RawAddr>,
     cmsgs: Vec<[u64; GSO_CMSG_SPACE / 8]>,
+    /// Control space of scattered receives (GRO's segment size, the arrival stamp).
+    recv_cmsgs: Vec<[u64; RECV_CMSG_SPACE / 8]>,
 }
 
 // SAFETY: the raw pointers inside point into this struct's own vectors or into buffers that
@@ -43,27 +49,22 @@ impl MsgBatch {
             scatter_iovs: Vec::new(),
             addrs: vec![RawAddr::empty(); n],
             cmsgs: vec![[0u64; GSO_CMSG_SPACE / 8]; n],
+            recv_cmsgs: vec![[0u64; RECV_CMSG_SPACE / 8]; n],
         }
     }
 
     /// Receives up to `bufs.len()` datagrams without blocking, each into the spare room of one
     /// of `bufs` (whose length is set). Returns how many arrived; `addrs[i]` tells each one's
-    /// source, and `truncated[i]` whether it was larger than its buffer. With `segments`, each
-    /// receive asks for control messages and `segments[i]` is the `UDP_GRO` segment size of
-    /// receive `i` (0: one datagram).
+    /// source, and `truncated[i]` whether it was larger than its buffer. (For sockets without
+    /// `UDP_GRO`: no control messages are read.)
     pub(crate) fn recv(
         &mut self,
         fd: BorrowedFd<'_>,
         bufs: &mut [PacketBuf],
         addrs: &mut [Option<SocketAddr>],
         truncated: &mut [bool],
-        mut segments: Option<&mut [u16]>,
     ) -> io::Result<usize> {
-        let mut n = bufs.len().min(self.hdrs.len()).min(addrs.len()).min(truncated.len());
-        if let Some(s) = &segments {
-            n = n.min(s.len());
-        }
-        let want_control = segments.is_some();
+        let n = bufs.len().min(self.hdrs.len()).min(addrs.len()).min(truncated.len());
         for (i, buf) in bufs.iter_mut().enumerate().take(n) {
             let spare = buf.spare_mut();
             self.iovs[i] = libc::iovec { iov_base: spare.as_mut_ptr().cast(), iov_len: spare.len() };
@@ -73,14 +74,8 @@ impl MsgBatch {
             h.msg_namelen = self.addrs[i].len;
             h.msg_iov = &mut self.iovs[i];
             h.msg_iovlen = 1;
-            if want_control {
-                self.cmsgs[i] = [0; GSO_CMSG_SPACE / 8];
-                h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
-                h.msg_controllen = GSO_CMSG_SPACE;
-            } else {
-                h.msg_control = std::ptr::null_mut();
-                h.msg_controllen = 0;
-            }
+            h.msg_control = std::ptr::null_mut();
+            h.msg_controllen = 0;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
         }
@@ -95,9 +90,6 @@ impl MsgBatch {
             let len = (h.msg_len as usize).min(bufs[i].spare_mut().len());
             bufs[i].set_len(len).expect("the kernel wrote within the spare room");
             addrs[i] = self.addrs[i].socket_addr();
-            if let Some(segments) = segments.as_deref_mut() {
-                segments[i] = self.gro_segment(i);
-            }
         }
         Ok(got)
     }
@@ -121,14 +113,15 @@ impl MsgBatch {
         Ok(check(r)? as usize)
     }
 
-    /// The `UDP_GRO` segment size in received message `i`'s control messages (0: none).
-    fn gro_segment(&self, i: usize) -> u16 {
-        let control_len = self.hdrs[i].msg_hdr.msg_controllen.min(GSO_CMSG_SPACE);
-        let mut control = [0u8; GSO_CMSG_SPACE];
-        for (chunk, word) in control.chunks_exact_mut(8).zip(&self.cmsgs[i]) {
+    /// What received message `i`'s control messages say: the `UDP_GRO` segment size (0:
+    /// none) and the arrival stamp.
+    fn received_control(&self, i: usize) -> crate::gro::Control {
+        let control_len = self.hdrs[i].msg_hdr.msg_controllen.min(RECV_CMSG_SPACE);
+        let mut control = [0u8; RECV_CMSG_SPACE];
+        for (chunk, word) in control.chunks_exact_mut(8).zip(&self.recv_cmsgs[i]) {
             chunk.copy_from_slice(&word.to_ne_bytes());
         }
-        crate::gro::gro_segment(&control[..control_len]).unwrap_or(0)
+        crate::gro::Control::parse(&control[..control_len])
     }
 
     /// Receives up to `slots.len()` messages without blocking, each scattered over its slot's
@@ -156,15 +149,15 @@ impl MsgBatch {
         let mut at = 0;
         for (i, slot) in slots.iter().enumerate().take(n) {
             self.addrs[i] = RawAddr::empty();
-            self.cmsgs[i] = [0; GSO_CMSG_SPACE / 8];
+            self.recv_cmsgs[i] = [0; RECV_CMSG_SPACE / 8];
             let h = &mut self.hdrs[i].msg_hdr;
             h.msg_name = (&mut self.addrs[i].storage as *mut libc::sockaddr_in6).cast();
             h.msg_namelen = self.addrs[i].len;
             // The vector was filled above and does not change until the call returns.
             h.msg_iov = self.scatter_iovs[at..].as_mut_ptr();
             h.msg_iovlen = slot.pieces + 1;
-            h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
-            h.msg_controllen = GSO_CMSG_SPACE;
+            h.msg_control = self.recv_cmsgs[i].as_mut_ptr().cast();
+            h.msg_controllen = RECV_CMSG_SPACE;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
             at += slot.pieces + 1;
@@ -180,7 +173,9 @@ impl MsgBatch {
             slot.truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
             slot.len = (h.msg_len as usize).min(slot.piece * slot.pieces + slot.overflow.capacity());
             slot.addr = self.addrs[i].socket_addr();
-            slot.segment = self.gro_segment(i);
+            let control = self.received_control(i);
+            slot.segment = control.segment;
+            slot.stamp = control.stamp;
         }
         Ok(got)
     }

@@ -424,13 +424,14 @@ impl PacketIo for UringIo {
         // (Handing out only part of it while refilling the ring every turn let the backlog,
         // and the buffers it holds, grow without bound under a sustained flood.)
         out.append(&mut self.ready_datagrams);
-        // With GRO, runs received but not handed out yet (a turn's worth a call,
-        // [`TURN_PACKETS`]) go before anything new is received.
-        if self.quiet.calls.has_held() && self.quiet.calls.cut_held(pool, out, &mut self.stats) {
-            return self.refill(pool);
-        }
-        // Sockets readiness mode, or with GRO the ring's polls, found readable.
+        // Sockets readiness mode, or with GRO the ring's polls, found readable: received,
+        // and what is held handed out (a turn's worth, [`TURN_PACKETS`]).
+        let start = out.len();
         let result = self.idle_recv_ready(pool, out);
+        if out.len() == start && self.quiet.calls.has_held() {
+            // No socket to receive on this turn: what is held still goes out.
+            self.quiet.calls.cut_held(pool, out, &mut self.stats);
+        }
         self.refill(pool)?;
         result
     }
