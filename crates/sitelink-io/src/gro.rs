@@ -276,6 +276,8 @@ pub(crate) struct GroReceiver {
     piece: usize,
     /// The last `recvmmsg` filled every slot it was given: the socket may hold more.
     full: bool,
+    /// Receives the next `recvmmsg` asks for (1 to [`RECV_SLOTS`]).
+    want: usize,
     /// The receive queue's delay, kept short.
     queue: Codel,
 }
@@ -287,6 +289,7 @@ impl GroReceiver {
             held: 0,
             piece: 0,
             full: false,
+            want: RECV_SLOTS,
             queue: Codel::default(),
         }
     }
@@ -310,7 +313,10 @@ impl GroReceiver {
         let start = out.len();
         let mut result = Ok(());
         if self.held + RECV_SLOTS <= HELD_SLOTS {
-            let free = &mut self.slots[self.held..self.held + RECV_SLOTS];
+            // As many receives as the last call brought, doubled (one, on an idle link: the
+            // kernel sets up every message's iovecs, found data or not).
+            let want = self.want;
+            let free = &mut self.slots[self.held..self.held + want];
             let piece = if self.piece == 0 { usize::MAX } else { self.piece };
             for slot in free.iter_mut() {
                 slot.prepare(piece, pool);
@@ -323,10 +329,12 @@ impl GroReceiver {
                     }
                     self.full = got == free.len();
                     self.held += got;
+                    self.want = (2 * got).clamp(1, RECV_SLOTS);
                 }
                 Err(e) => {
                     let (more, r) = crate::calls::recv_failed(e, stats);
                     self.full = more;
+                    self.want = 1;
                     result = r;
                 }
             }
