@@ -276,7 +276,7 @@ pub(crate) struct GroReceiver {
     piece: usize,
     /// The last `recvmmsg` filled every slot it was given: the socket may hold more.
     full: bool,
-    /// Receives the next `recvmmsg` asks for (1 to [`RECV_SLOTS`]).
+    /// Receives the next `recvmmsg` asks for (2 to [`RECV_SLOTS`]).
     want: usize,
     /// The receive queue's delay, kept short.
     queue: Codel,
@@ -313,8 +313,9 @@ impl GroReceiver {
         let start = out.len();
         let mut result = Ok(());
         if self.held + RECV_SLOTS <= HELD_SLOTS {
-            // As many receives as the last call brought, doubled (one, on an idle link: the
-            // kernel sets up every message's iovecs, found data or not).
+            // As many receives as the last call brought, doubled, and at least two (on an idle
+            // link the kernel would set up every message's iovecs for one datagram; and a call
+            // that fills all it asked for says more may wait, which one datagram should not).
             let want = self.want;
             let free = &mut self.slots[self.held..self.held + want];
             let piece = if self.piece == 0 { usize::MAX } else { self.piece };
@@ -329,12 +330,12 @@ impl GroReceiver {
                     }
                     self.full = got == free.len();
                     self.held += got;
-                    self.want = (2 * got).clamp(1, RECV_SLOTS);
+                    self.want = (2 * got).clamp(2, RECV_SLOTS);
                 }
                 Err(e) => {
                     let (more, r) = crate::calls::recv_failed(e, stats);
                     self.full = more;
-                    self.want = 1;
+                    self.want = 2;
                     result = r;
                 }
             }
