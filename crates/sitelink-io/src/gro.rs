@@ -69,8 +69,9 @@ impl Control {
 /// The most datagrams the kernel merges into one receive (`UDP_GRO_CNT_MAX`).
 pub(crate) const GRO_MAX_SEGMENTS: usize = 64;
 
-/// A lone datagram this small (a ping's, an acknowledgement's, a keepalive's, a handshake's
-/// cookie reply: not a bulk transfer's) may go ahead of held runs.
+/// A datagram this small (a ping's, an acknowledgement's, a keepalive's, a handshake's cookie
+/// reply: not a bulk transfer's), lone or in a run of its size, goes ahead of held bulk runs
+/// ([`small_first`]), and is never dropped for the queue's delay ([`ScatterSlot::take`]).
 pub(crate) const SMALL_DATAGRAM: usize = 256;
 
 /// Which of the held receives `held` (each one's length and segment size, in arrival order)
@@ -265,8 +266,8 @@ pub(crate) const HELD_SLOTS: usize = 2 * RECV_SLOTS;
 
 /// The receive side of a backend with UDP GRO on: receives scattered one datagram to a
 /// buffer ([`ScatterSlot`]), held and handed out a turn's worth
-/// ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) at a time, small lone datagrams first, with
-/// the queue's delay kept short ([`Codel`]).
+/// ([`TURN_PACKETS`](crate::vnet::TURN_PACKETS)) at a time, small datagrams first
+/// ([`small_first`]), with the queue's delay kept short ([`Codel`]).
 pub(crate) struct GroReceiver {
     /// `slots[..held]` hold receives not handed out yet, in arrival order; the rest are free.
     slots: Vec<ScatterSlot>,
