@@ -279,8 +279,9 @@ fn frame(c: &mut Criterion) {
     let mut pkt = vec![0u8; 1420];
     ip::build_ipv4(&mut pkt, [10, 0, 0, 1].into(), [10, 0, 0, 2].into(), 6, &[0; 1400]).expect("pkt");
     g.bench_function("ip_peek_v4", |b| b.iter(|| black_box(ip::peek(black_box(&pkt)))));
-    // The Internet checksum over a 1,400-byte segment: the fast sum (8 bytes a step into a
-    // 64-bit accumulator) against the plain 16-bit loop of RFC 1071.
+    // The Internet checksum over a 1,400-byte segment: the fast sum (little-endian words into
+    // sixteen 32-bit lanes, which the compiler vectorizes) against the plain 16-bit loop of
+    // RFC 1071.
     let seg: Vec<u8> = (0..1400u32).map(|i| (i * 7) as u8).collect();
     g.throughput(Throughput::Bytes(seg.len() as u64));
     g.bench_function("csum_1400", |b| {
