@@ -64,6 +64,13 @@ pub trait PacketIo: Send {
     /// Sends and drains `dgrams`. A datagram the kernel refuses is counted and dropped.
     fn send_datagrams(&mut self, dgrams: &mut Vec<Datagram>, pool: &mut BufPool) -> io::Result<()>;
 
+    /// Hands the kernel what the sends so far have queued, when the backend queues them (the
+    /// uring backend submits at its next [`wait`](Self::wait) otherwise); a no-op where sends
+    /// go out as they are made.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Writes and drains `packets` to the TUN side. A packet the kernel refuses is counted
     /// and dropped.
     fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()>;

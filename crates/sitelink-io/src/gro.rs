@@ -72,7 +72,7 @@ pub(crate) const GRO_MAX_SEGMENTS: usize = 64;
 /// A datagram this small (a ping's, an acknowledgement's, a keepalive's, a handshake's cookie
 /// reply: not a bulk transfer's), lone or in a run of its size, goes ahead of held bulk runs
 /// ([`small_first`]), and is never dropped for the queue's delay ([`ScatterSlot::take`]).
-pub(crate) const SMALL_DATAGRAM: usize = 256;
+pub(crate) const SMALL_DATAGRAM: usize = crate::SMALL_PACKET;
 
 /// Which of the held receives `held` (each one's length and segment size, in arrival order)
 /// go out first: the small ones, a lone datagram or a run of datagrams of at most

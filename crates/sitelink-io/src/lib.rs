@@ -74,6 +74,12 @@ pub mod testing {
 /// Datagrams or packets moved per batch by default.
 pub const DEFAULT_BATCH: usize = 64;
 
+/// The largest datagram or packet that counts as small (a ping's, an acknowledgement's, a
+/// voice frame's: not a bulk transfer's segment). The backends hand small ones out ahead of
+/// bulk that arrived with them, CoDel never drops them, and a worker sends them through a
+/// pass of their own before the bulk's.
+pub const SMALL_PACKET: usize = 256;
+
 /// The most pooled buffers a backend keeps lent to its UDP receives with GRO on: each
 /// receive is laid out over a buffer per datagram it may bring (see `gro.rs`). A worker's pool
 /// needs these on top of what its turns have in flight.

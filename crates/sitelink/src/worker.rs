@@ -8,6 +8,13 @@
 //! the engine (`encapsulate_deferred`, with due timers and the next deadline), seal them
 //! without it, and send everything in one batch.
 //!
+//! Small packets ([`sitelink_io::SMALL_PACKET`]: a ping, a voice frame) that the backends
+//! put ahead of a bulk transfer's take an express pass: when datagrams begin with small ones
+//! and go on with bulk, the small ones are opened and written, and what the TUN side then has
+//! to send (a ping's reply) is sealed and sent, before the bulk is opened; likewise small
+//! packets read ahead of bulk segments are sealed and sent before those are. Only turns that
+//! hold both kinds take it, and it keeps every packet's place behind what came before it.
+//!
 //! A worker that waits for I/O counts as idle; one with a large batch of opens hands half of
 //! them to an idle worker ([`crate::open_sharing`]), so that one busy peer, whose datagrams all reach
 //! one worker's socket, still has its inbound crypto spread over cores.
@@ -138,13 +145,7 @@ pub(crate) fn run_guarded(shared: Arc<Shared>, index: usize, io: Box<dyn PacketI
 
 fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPool) {
     let slot = &shared.workers[index];
-    let mut datagrams: Vec<Datagram> = Vec::with_capacity(VEC_CAPACITY);
-    let mut read: Vec<PacketBuf> = Vec::with_capacity(VEC_CAPACITY);
-    let mut delivered: Vec<PacketBuf> = Vec::with_capacity(VEC_CAPACITY);
-    let mut out: Vec<Datagram> = Vec::with_capacity(VEC_CAPACITY * 2);
-    let mut batch = CryptoBatch::with_capacity(VEC_CAPACITY);
-    // Carries half of a large batch's opens to an idle worker and back (see `open_sharing`).
-    let mut spare = CryptoBatch::with_capacity(VEC_CAPACITY / 2);
+    let mut b = Buffers::new();
     let mut fwmark = shared.fwmark.load(Ordering::Relaxed);
     let mut last_drop_log = Instant::now();
     let mut logged_drops = 0u64;
@@ -204,48 +205,46 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             }
         }
 
+        let turn = Turn { shared, index, now };
         // Inbound first, written to the TUN side before it is read: a reply the kernel makes
         // at once (a ping's) is then read in this same turn.
-        if let Err(e) = io.recv_datagrams(&mut pool, &mut datagrams) {
+        if let Err(e) = io.recv_datagrams(&mut pool, &mut b.datagrams) {
             errors.report("receiving datagrams", &e);
         }
-        if !datagrams.is_empty() {
-            lock(&shared.device).decapsulate_deferred(now, &mut datagrams, &mut batch, &mut out);
-            // The AEAD without the engine (other workers route and count meanwhile); an idle
-            // worker may take half of a large batch's opens.
-            shared.open_sharing.run(index, |i| shared.wakers[i].wake(), &mut batch, &mut spare, &mut out);
-            if batch.needs_completion() {
-                lock(&shared.device).complete(now, &mut batch, &mut delivered, &mut out);
-            }
-            if let Some(side) = &shared.in_process {
-                side.deliver(&mut delivered, &mut pool);
-            } else if !delivered.is_empty()
-                && let Err(e) = io.write_packets(&mut delivered, &mut pool)
-            {
-                errors.report("writing packets", &e);
-            }
+        let mut failed_read = false;
+        // Small datagrams (a ping, a voice frame) come first when bulk follows them (the
+        // backends put them there): they and what the TUN side answers at once go through a
+        // turn of their own, not after the bulk has been opened, written and its answers
+        // sealed. Only when both kinds came: pure bulk or pure acknowledgements cost nothing.
+        let small = small_prefix(&b.datagrams, |d| d.buf.data().len());
+        if small > 0 {
+            b.bulk.extend(b.datagrams.drain(small..));
+        }
+        turn.inbound(io.as_mut(), &mut pool, &mut b, &mut errors);
+        if small > 0 {
+            failed_read = turn.read_outbound(io.as_mut(), &mut pool, &mut b, &mut errors);
+            turn.express(io.as_mut(), &mut pool, &mut b, &mut errors);
+            b.datagrams.append(&mut b.bulk);
+            turn.inbound(io.as_mut(), &mut pool, &mut b, &mut errors);
         }
 
-        let mut failed_read = false;
-        let endpoints_moved;
-        if let Some(side) = &shared.in_process {
-            side.take_outbound(index, &mut read, VEC_CAPACITY / 4);
-            side.balance(&mut pool);
-        } else if let Err(e) = io.read_packets(&mut pool, &mut read) {
-            if sitelink_io::is_device_gone(&e) {
-                tracing::info!(error = %e, "the TUN device is gone; stopping");
-                shared.stop_all();
-            }
-            errors.report("reading packets", &e);
-            failed_read = true;
+        failed_read |= turn.read_outbound(io.as_mut(), &mut pool, &mut b, &mut errors);
+        // Likewise small packets read ahead of a bulk transfer's segments (`sparse_first`
+        // put them there) are sealed and sent before the segments are.
+        let small = small_prefix(&b.read, |p| p.data().len());
+        if small > 0 {
+            b.bulk_read.extend(b.read.drain(small..));
+            turn.express(io.as_mut(), &mut pool, &mut b, &mut errors);
+            b.read.append(&mut b.bulk_read);
         }
+        let endpoints_moved;
         {
             let mut dev = lock(&shared.device);
-            if !read.is_empty() {
-                dev.encapsulate_deferred(now, &mut read, &mut batch, &mut out);
+            if !b.read.is_empty() {
+                dev.encapsulate_deferred(now, &mut b.read, &mut b.batch, &mut b.out);
             }
             if dev.next_deadline().is_some_and(|d| d <= now) {
-                dev.on_timers(now, &mut out);
+                dev.on_timers(now, &mut b.out);
             }
             balance_pools(&mut dev, &mut pool);
             if index == 0 && now.duration_since(last_drop_log) >= DROP_LOG_INTERVAL {
@@ -295,9 +294,9 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             }
         }
         // The seals, without the engine.
-        batch.run(&mut out);
-        if !out.is_empty()
-            && let Err(e) = io.send_datagrams(&mut out, &mut pool)
+        b.batch.run(&mut b.out);
+        if !b.out.is_empty()
+            && let Err(e) = io.send_datagrams(&mut b.out, &mut pool)
         {
             errors.report("sending datagrams", &e);
         }
@@ -309,6 +308,125 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
     }
     *lock(&slot.io_stats) = io.stats().clone();
     slot.buffers_allocated.store(pool.allocated(), Ordering::Relaxed);
+}
+
+/// The vectors a worker's turns move packets through, sized once and reused.
+struct Buffers {
+    datagrams: Vec<Datagram>,
+    /// Datagrams received behind small ones, until the small ones' express pass is done.
+    bulk: Vec<Datagram>,
+    read: Vec<PacketBuf>,
+    /// Packets read behind small ones, until the small ones have been sent.
+    bulk_read: Vec<PacketBuf>,
+    delivered: Vec<PacketBuf>,
+    out: Vec<Datagram>,
+    batch: CryptoBatch,
+    /// Carries half of a large batch's opens to an idle worker and back (see `open_sharing`).
+    spare: CryptoBatch,
+}
+
+impl Buffers {
+    fn new() -> Buffers {
+        Buffers {
+            datagrams: Vec::with_capacity(VEC_CAPACITY),
+            bulk: Vec::with_capacity(VEC_CAPACITY),
+            read: Vec::with_capacity(VEC_CAPACITY),
+            bulk_read: Vec::with_capacity(VEC_CAPACITY),
+            delivered: Vec::with_capacity(VEC_CAPACITY),
+            out: Vec::with_capacity(VEC_CAPACITY * 2),
+            batch: CryptoBatch::with_capacity(VEC_CAPACITY),
+            spare: CryptoBatch::with_capacity(VEC_CAPACITY / 2),
+        }
+    }
+}
+
+/// How many of `items`, from the first, are small ([`sitelink_io::SMALL_PACKET`] bytes or
+/// less) with a larger one behind them; 0 when none is, or when all are.
+fn small_prefix<T>(items: &[T], len: impl Fn(&T) -> usize) -> usize {
+    let n = items.iter().take_while(|i| len(i) <= sitelink_io::SMALL_PACKET).count();
+    if n == items.len() { 0 } else { n }
+}
+
+/// One turn of one worker: whose it is and the time it started.
+struct Turn<'a> {
+    shared: &'a Shared,
+    index: usize,
+    now: Instant,
+}
+
+impl Turn<'_> {
+    /// Opens `b.datagrams` (checked and delivered holding the engine, the AEAD without it)
+    /// and writes what they carry to the TUN side, or hands it to the embedding application.
+    fn inbound(&self, io: &mut dyn PacketIo, pool: &mut BufPool, b: &mut Buffers, errors: &mut ErrorLog) {
+        if b.datagrams.is_empty() {
+            return;
+        }
+        let shared = self.shared;
+        lock(&shared.device).decapsulate_deferred(self.now, &mut b.datagrams, &mut b.batch, &mut b.out);
+        // An idle worker may take half of a large batch's opens.
+        shared.open_sharing.run(
+            self.index,
+            |i| shared.wakers[i].wake(),
+            &mut b.batch,
+            &mut b.spare,
+            &mut b.out,
+        );
+        if b.batch.needs_completion() {
+            lock(&shared.device).complete(self.now, &mut b.batch, &mut b.delivered, &mut b.out);
+        }
+        if let Some(side) = &shared.in_process {
+            side.deliver(&mut b.delivered, pool);
+        } else if !b.delivered.is_empty()
+            && let Err(e) = io.write_packets(&mut b.delivered, pool)
+        {
+            errors.report("writing packets", &e);
+        }
+    }
+
+    /// Reads into `b.read` what the TUN side (or the embedding application) has to send.
+    /// True when the read failed (the turn then backs off).
+    fn read_outbound(
+        &self,
+        io: &mut dyn PacketIo,
+        pool: &mut BufPool,
+        b: &mut Buffers,
+        errors: &mut ErrorLog,
+    ) -> bool {
+        if let Some(side) = &self.shared.in_process {
+            side.take_outbound(self.index, &mut b.read, VEC_CAPACITY / 4);
+            side.balance(pool);
+            return false;
+        }
+        match io.read_packets(pool, &mut b.read) {
+            Ok(()) => false,
+            Err(e) => {
+                if sitelink_io::is_device_gone(&e) {
+                    tracing::info!(error = %e, "the TUN device is gone; stopping");
+                    self.shared.stop_all();
+                }
+                errors.report("reading packets", &e);
+                true
+            }
+        }
+    }
+
+    /// Seals `b.read` and sends it, with whatever else waits in `b.out`, now: the express
+    /// pass of small packets, ahead of the rest of the turn.
+    fn express(&self, io: &mut dyn PacketIo, pool: &mut BufPool, b: &mut Buffers, errors: &mut ErrorLog) {
+        if !b.read.is_empty() {
+            lock(&self.shared.device).encapsulate_deferred(self.now, &mut b.read, &mut b.batch, &mut b.out);
+        }
+        b.batch.run(&mut b.out);
+        if b.out.is_empty() {
+            return;
+        }
+        if let Err(e) = io.send_datagrams(&mut b.out, pool) {
+            errors.report("sending datagrams", &e);
+        }
+        if let Err(e) = io.flush() {
+            errors.report("sending datagrams", &e);
+        }
+    }
 }
 
 // The engine ranks at least as many busy peers as a backend can connect.
@@ -343,5 +461,21 @@ impl ErrorLog {
         tracing::warn!(error = %e, suppressed = self.suppressed, "{what} failed");
         self.last = Some(now);
         self.suppressed = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::small_prefix;
+
+    #[test]
+    fn only_small_packets_ahead_of_larger_ones_take_the_express_pass() {
+        let len = |n: &usize| *n;
+        assert_eq!(small_prefix(&[100, 60, 1400, 90], len), 2);
+        assert_eq!(small_prefix(&[256, 257], len), 1);
+        // All small, all large, or nothing: no express pass.
+        assert_eq!(small_prefix(&[100, 60], len), 0);
+        assert_eq!(small_prefix(&[1400, 60], len), 0);
+        assert_eq!(small_prefix::<usize>(&[], len), 0);
     }
 }

@@ -537,6 +537,14 @@ impl PacketIo for UringIo {
         Ok(())
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        if self.ring.is_enabled() && self.ring.has_queued() {
+            self.ring.submit(0)?;
+            self.reap();
+        }
+        Ok(())
+    }
+
     fn write_packets(&mut self, packets: &mut Vec<PacketBuf>, pool: &mut BufPool) -> io::Result<()> {
         self.recycle_done(pool);
         if self.packets.is_none() {
