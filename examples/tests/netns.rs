@@ -148,6 +148,8 @@ fn sitelinkd_survives_garbage_and_counts_it() {
     for reason in ["malformed", "unknown_receiver_index", "bad_mac1"] {
         assert!(last.contains(reason), "{reason} not counted: {last}");
     }
+    // And the kernel's drops at the TUN queue, read from the device in its namespace.
+    assert!(last.contains("tun_queue_drops=Some("), "the TUN queue's drops not read: {last}");
 }
 
 /// wg-quick brings sitelinkd up as its userspace implementation (so sitelinkd daemonizes),

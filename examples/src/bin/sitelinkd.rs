@@ -252,13 +252,14 @@ fn run(args: &Args) -> Result<(), DaemonError> {
     let signals_handle = signals.handle();
     let on_signal = {
         let link = Arc::clone(&link);
+        let ifname = ifname.clone();
         std::thread::Builder::new().name("sitelinkd-signals".into()).spawn(move || {
-            let signal = signals.forever().next();
-            if let Some(signal) = signal {
-                tracing::info!(signal, "stopping");
-                link.shutdown();
-            }
-            signal
+            let signal = signals.forever().next()?;
+            tracing::info!(signal, "stopping");
+            // Read while the device is still there (it goes with the link).
+            let drops = tun_queue_drops(&ifname);
+            link.shutdown();
+            Some(drops)
         })
     }
     .map_err(DaemonError::Signals)?;
@@ -269,9 +270,13 @@ fn run(args: &Args) -> Result<(), DaemonError> {
         return Err(DaemonError::Failed(failure));
     }
     signals_handle.close();
-    if on_signal.join().ok().flatten().is_none() {
-        tracing::info!("the link stopped");
-    }
+    let tun_queue_drops = match on_signal.join().ok().flatten() {
+        Some(drops) => drops,
+        None => {
+            tracing::info!("the link stopped");
+            tun_queue_drops(&ifname)
+        }
+    };
     link.shutdown();
     let stats = link.stats();
     tracing::info!(
@@ -283,10 +288,20 @@ fn run(args: &Args) -> Result<(), DaemonError> {
         tun_rx_per_worker = ?stats.io_per_worker.iter().map(|w| w.tun_rx).collect::<Vec<_>>(),
         udp_rx_per_worker = ?stats.io_per_worker.iter().map(|w| w.udp_rx).collect::<Vec<_>>(),
         opens_shared = stats.opens_shared,
+        tun_queue_drops = ?tun_queue_drops,
         "final counters"
     );
     drop(socket_file);
     Ok(())
+}
+
+/// Packets the kernel dropped at the TUN device's queue, which it had for sitelinkd to read
+/// while that queue was full (the device's `tx_dropped`): a sending application's loss that
+/// happens before any counter of ours sees the packet (a UDP flood faster than the workers).
+/// `None` where sysfs does not show the device.
+fn tun_queue_drops(ifname: &str) -> Option<u64> {
+    let path = format!("/sys/class/net/{ifname}/statistics/tx_dropped");
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Configures `link` from a wg-quick style file.
