@@ -80,9 +80,11 @@ pub(crate) const SMALL_DATAGRAM: usize = crate::SMALL_PACKET;
 /// a bulk transfer's runs hold back is then a turn's wait for a ping or an acknowledgement at
 /// most. The flows inside are sealed, so this is a guess at them; it never reorders small
 /// datagrams among themselves (a small flow's packets may come lone or in a run: a sender
-/// batches datagrams by size and peer, not by flow), and a bulk flow's own small datagrams
-/// are few (the last segment of a burst): at worst one of them arrives before its elders,
-/// which TCP takes as reordering, not loss. Marks them in `ahead`.
+/// batches datagrams by size and peer, not by flow). A flow that mixes sizes may see a small
+/// datagram overtake its own larger ones, each size keeping its order (the workers test
+/// checks exactly that): for a bulk TCP flow that is the odd short segment ending a burst,
+/// which TCP takes as reordering, not loss; a flow of one size is never reordered. Marks
+/// them in `ahead`.
 pub(crate) fn small_first(held: impl IntoIterator<Item = (usize, u16)>, ahead: &mut [bool]) {
     for ((len, segment), ahead) in held.into_iter().zip(ahead.iter_mut()) {
         let lone = segment == 0 || len <= usize::from(segment);
