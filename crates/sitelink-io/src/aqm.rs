@@ -11,7 +11,7 @@
 //! at a time and more often the longer the queue persists, so that TCP backs off and the
 //! queue drains to the target, as fq_codel does for the kernel's own queues.
 //!
-//! Only datagrams larger than [`crate::gro::SMALL_DATAGRAM`] are ever dropped, so the
+//! Only datagrams larger than [`crate::SMALL_PACKET`] are ever dropped, so the
 //! packets of small flows (pings, acknowledgements, handshakes, keepalives) never are; they
 //! are dropped before they are opened, so dropping also saves the work of opening them. Each
 //! drop is counted (`IoStats::udp_queue_drops`). The controller only sees the time a datagram

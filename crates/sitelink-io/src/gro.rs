@@ -11,6 +11,7 @@ use std::os::fd::BorrowedFd;
 
 use sitelink_frame::{BufPool, Datagram, PacketBuf};
 
+use crate::SMALL_PACKET;
 use crate::aqm::Codel;
 use crate::sys::MsgBatch;
 
@@ -69,18 +70,14 @@ impl Control {
 /// The most datagrams the kernel merges into one receive (`UDP_GRO_CNT_MAX`).
 pub(crate) const GRO_MAX_SEGMENTS: usize = 64;
 
-/// A datagram this small (a ping's, an acknowledgement's, a keepalive's, a handshake's cookie
-/// reply: not a bulk transfer's), lone or in a run of its size, goes ahead of held bulk runs
-/// ([`small_first`]), and is never dropped for the queue's delay ([`ScatterSlot::take`]).
-pub(crate) const SMALL_DATAGRAM: usize = crate::SMALL_PACKET;
-
 /// Which of the held receives `held` (each one's length and segment size, in arrival order)
 /// go out first: the small ones, a lone datagram or a run of datagrams of at most
-/// [`SMALL_DATAGRAM`] bytes, in their order, ahead of the bulk ones, which keep theirs. What
-/// a bulk transfer's runs hold back is then a turn's wait for a ping or an acknowledgement at
-/// most. The flows inside are sealed, so this is a guess at them; it never reorders small
-/// datagrams among themselves (a small flow's packets may come lone or in a run: a sender
-/// batches datagrams by size and peer, not by flow). A flow that mixes sizes may see a small
+/// [`SMALL_PACKET`] bytes (a ping's, an acknowledgement's, a keepalive's, a cookie reply's),
+/// in their order, ahead of the bulk ones, which keep theirs. What a bulk transfer's runs
+/// hold back is then a turn's wait for a ping or an acknowledgement at most. The flows
+/// inside are sealed, so this is a guess at them; it never reorders small datagrams among
+/// themselves (a small flow's packets may come lone or in a run: a sender batches datagrams
+/// by size and peer, not by flow). A flow that mixes sizes may see a small
 /// datagram overtake its own larger ones, each size keeping its order (the workers test
 /// checks exactly that): for a bulk TCP flow that is the odd short segment ending a burst,
 /// which TCP takes as reordering, not loss; a flow of one size is never reordered. Marks
@@ -88,7 +85,7 @@ pub(crate) const SMALL_DATAGRAM: usize = crate::SMALL_PACKET;
 pub(crate) fn small_first(held: impl IntoIterator<Item = (usize, u16)>, ahead: &mut [bool]) {
     for ((len, segment), ahead) in held.into_iter().zip(ahead.iter_mut()) {
         let lone = segment == 0 || len <= usize::from(segment);
-        *ahead = if lone { len <= SMALL_DATAGRAM } else { usize::from(segment) <= SMALL_DATAGRAM };
+        *ahead = if lone { len <= SMALL_PACKET } else { usize::from(segment) <= SMALL_PACKET };
     }
 }
 
@@ -171,7 +168,7 @@ impl ScatterSlot {
 
     /// Moves the receive's datagrams to `out`: the buffers they landed in, replaced from
     /// `pool`; or, where they did not land one to a buffer, copies in buffers from `pool`.
-    /// Bulk datagrams (larger than [`SMALL_DATAGRAM`]) that `queue` says waited too long by
+    /// Bulk datagrams (larger than [`SMALL_PACKET`]) that `queue` says waited too long by
     /// `now` (ns of the realtime clock), with more input waiting behind them (`backlog`), are
     /// dropped instead, and counted.
     pub(crate) fn take(
@@ -200,7 +197,7 @@ impl ScatterSlot {
         };
         let waited = self.stamp.map(|stamp| crate::aqm::sojourn(stamp, now));
         let mut too_late = |len: usize| {
-            let drop = len > SMALL_DATAGRAM && waited.is_some_and(|w| queue.drop(w, now, backlog));
+            let drop = len > SMALL_PACKET && waited.is_some_and(|w| queue.drop(w, now, backlog));
             stats.udp_queue_drops += u64::from(drop);
             drop
         };

@@ -38,7 +38,7 @@ fn pair(backend: BackendKind, workers: usize) -> ((Link, PacketQueues), (Link, P
     (a, b)
 }
 
-/// Whether packet `seq` of `flow` is small: a 108-byte packet, 160 bytes sealed (small by
+/// Whether packet `seq` of `flow` is small: a 108-byte packet, 144 bytes sealed (small by
 /// `sitelink_io::SMALL_PACKET`), else a 1,028-byte one. Flows 4k are mixed (every third
 /// small), flows 4k + 1 all small, the others all large.
 fn is_small(flow: u16, seq: u32) -> bool {
