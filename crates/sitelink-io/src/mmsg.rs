@@ -16,7 +16,7 @@ use crate::socket::UdpSocket;
 use crate::stats::IoStats;
 use crate::sys;
 use crate::tun::PacketFd;
-use crate::vnet::VnetSide;
+use crate::vnet::{ReadAhead, VnetSide};
 use crate::waker::Waker;
 
 /// `recvmmsg`/`sendmmsg` and `epoll`.
@@ -36,6 +36,8 @@ pub struct MmsgIo {
     readiness: Readiness,
     /// The TUN side's header, coalescing and read memory.
     vnet: VnetSide,
+    /// With a virtio-net header: the reads held between turns (`None` without).
+    read_ahead: Option<ReadAhead>,
 }
 
 impl std::fmt::Debug for MmsgIo {
@@ -69,7 +71,9 @@ impl MmsgIo {
             VnetSide::new(packets.as_ref().map(PacketFd::offloads).unwrap_or_default(), batch, &mut stats);
         let mut calls = MmsgCalls::new(batch);
         calls.set_gro(udp.enable_gro(&mut stats));
+        let read_ahead = vnet.vnet_hdr.then(ReadAhead::new);
         Ok(MmsgIo {
+            read_ahead,
             more_packets: packets.is_some(),
             packets,
             udp,
@@ -153,7 +157,12 @@ impl PacketIo for MmsgIo {
         let Some(packets) = self.packets.as_ref().filter(|_| self.more_packets) else {
             return Ok(());
         };
-        let result = read_packet_batch(packets, self.batch, pool, out, &mut self.stats, &mut self.vnet);
+        // With a header, reads are held ahead of the turn, so that a packet of another flow
+        // behind a bulk transfer's super-packets goes first, as the uring backend's do.
+        let result = match &mut self.read_ahead {
+            Some(ahead) => ahead.read(packets.as_fd(), pool, out, &mut self.stats),
+            None => read_packet_batch(packets, self.batch, pool, out, &mut self.stats, &mut self.vnet),
+        };
         self.more_packets = matches!(result, Ok(true));
         result.map(|_| ())
     }

@@ -139,6 +139,115 @@ pub(crate) fn sparse_first(reads: &[PacketBuf], ahead: &mut [bool]) {
 /// The most TUN reads a backend holds at once (the uring backend's large read buffers).
 pub(crate) const MAX_HELD_READS: usize = 64;
 
+/// Hands out a turn's worth of the held `reads` (each a virtio-net header and a packet or
+/// super-packet, in arrival order), split into segments from `pool` appended to `out`:
+/// first every single packet that may go ahead of the bulk ([`sparse_first`]), then the
+/// others in order until [`TURN_PACKETS`] have come. The reads handed out leave `reads`
+/// (the rest keep their order) and go to `recycle`.
+pub(crate) fn hand_out_reads(
+    reads: &mut Vec<PacketBuf>,
+    pool: &mut BufPool,
+    out: &mut Vec<PacketBuf>,
+    stats: &mut IoStats,
+    mut recycle: impl FnMut(PacketBuf),
+) {
+    let start = out.len();
+    let held = reads.len().min(MAX_HELD_READS);
+    let mut taken = [false; MAX_HELD_READS];
+    sparse_first(&reads[..held], &mut taken[..held]);
+    for (raw, _) in reads.iter().zip(&taken).filter(|(_, t)| **t) {
+        split_read(raw.data(), pool, out, stats);
+    }
+    for (raw, taken) in reads.iter().zip(taken.iter_mut()) {
+        if out.len() - start >= TURN_PACKETS {
+            break;
+        }
+        if !*taken {
+            split_read(raw.data(), pool, out, stats);
+            *taken = true;
+        }
+    }
+    let mut i = 0;
+    for t in &taken[..held] {
+        if *t {
+            recycle(reads.remove(i));
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// How many TUN reads a backend reading with plain `read` calls holds between turns: about a
+/// millisecond of a bulk transfer's super-packets at 3 Gbit/s, so that a packet of another
+/// flow read behind them goes first. 1 MiB of buffers, touched only as far as reads reach.
+pub(crate) const READ_AHEAD: usize = 16;
+
+/// The reads a backend reading with plain `read` calls (the `mmsg` backend, with a
+/// virtio-net header) holds between turns, and their buffers: what the uring backend's
+/// multishot reads give it, reading ahead of the turn being handed out.
+pub(crate) struct ReadAhead {
+    /// Reads not yet handed out, in arrival order.
+    held: Vec<PacketBuf>,
+    /// Buffers of [`READ_MAX`] bytes for the next reads.
+    free: Vec<PacketBuf>,
+}
+
+impl ReadAhead {
+    /// [`READ_AHEAD`] buffers of [`READ_MAX`] bytes, allocated once.
+    pub(crate) fn new() -> ReadAhead {
+        ReadAhead {
+            held: Vec::with_capacity(READ_AHEAD),
+            free: (0..READ_AHEAD).map(|_| PacketBuf::new(READ_MAX, 0)).collect(),
+        }
+    }
+
+    /// Whether reads are held for a later turn.
+    pub(crate) fn has_held(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Reads from `fd` until [`READ_AHEAD`] reads are held or nothing is waiting, then hands
+    /// out a turn's worth ([`hand_out_reads`]). Returns whether more may be waiting (reads
+    /// are still held, or every buffer filled). A read error is counted and returned after
+    /// what was held has been handed out.
+    pub(crate) fn read(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        pool: &mut BufPool,
+        out: &mut Vec<PacketBuf>,
+        stats: &mut IoStats,
+    ) -> io::Result<bool> {
+        let mut drained = false;
+        let mut failed = None;
+        while !drained && failed.is_none() {
+            let Some(mut buf) = self.free.pop() else { break };
+            buf.reset(0);
+            match crate::sys::read(fd, buf.spare_mut()) {
+                Ok(n) if n > 0 => {
+                    buf.set_len(n).expect("a read within the buffer");
+                    self.held.push(buf);
+                    continue;
+                }
+                Ok(_) => drained = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                    drained = true;
+                }
+                Err(e) => {
+                    stats.tun_read_errors += 1;
+                    failed = Some(e);
+                }
+            }
+            self.free.push(buf);
+        }
+        let free = &mut self.free;
+        hand_out_reads(&mut self.held, pool, out, stats, |b| free.push(b));
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(self.has_held() || !drained),
+        }
+    }
+}
+
 /// Splits what one read returned (`raw`: the header, then the packet) into segments from
 /// `pool`, appended to `out`. A read that cannot be split is counted and dropped.
 pub(crate) fn split_read(raw: &[u8], pool: &mut BufPool, out: &mut Vec<PacketBuf>, stats: &mut IoStats) {
@@ -242,9 +351,21 @@ mod tests {
 
     fn tcp_segments(n: usize) -> Vec<PacketBuf> {
         // A super-packet split by the frame code is a run that merges whole.
-        let payload = vec![7u8; 1000 * n];
+        let raw = tcp_read(n, 4000, 7);
+        let mut pool = BufPool::for_mtu(1420, 256);
+        let mut out = Vec::new();
+        let mut stats = IoStats::default();
+        split_read(&raw, &mut pool, &mut out, &mut stats);
+        assert_eq!((stats.tun_rx, stats.tun_gso_reads), (n as u64, 1));
+        out
+    }
+
+    /// What a TUN read with a virtio-net header brings for a TCP super-packet of `n`
+    /// 1000-byte segments from `port` (a single packet if `n` is 1), each payload byte `fill`.
+    fn tcp_read(n: usize, port: u16, fill: u8) -> Vec<u8> {
+        let payload = vec![fill; 1000 * n];
         let mut l4 = vec![0u8; 20];
-        l4[0..2].copy_from_slice(&4000u16.to_be_bytes());
+        l4[0..2].copy_from_slice(&port.to_be_bytes());
         l4[2..4].copy_from_slice(&5201u16.to_be_bytes());
         l4[12] = 5 << 4;
         l4[13] = 0x10;
@@ -254,7 +375,8 @@ mod tests {
             .unwrap();
         let hdr = VirtioNetHdr {
             flags: VirtioNetHdr::NEEDS_CSUM,
-            gso_type: VirtioNetHdr::GSO_TCPV4,
+            // As the kernel gives it: a packet of one segment is no super-packet.
+            gso_type: if n > 1 { VirtioNetHdr::GSO_TCPV4 } else { VirtioNetHdr::GSO_NONE },
             gso_size: 1000,
             csum_start: 20,
             csum_offset: 16,
@@ -263,12 +385,111 @@ mod tests {
         let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN];
         hdr.write(&mut raw).unwrap();
         raw.extend_from_slice(&sp[..len]);
+        raw
+    }
+
+    /// What a TUN read with a virtio-net header brings for one ICMP packet, numbered `id`.
+    fn icmp_read(id: u8) -> Vec<u8> {
+        let mut sp = [0u8; 28];
+        let len = sitelink_frame::ip::build_ipv4(
+            &mut sp,
+            [10, 0, 0, 1].into(),
+            [10, 0, 0, 2].into(),
+            1,
+            &[8, 0, 0, 0, 0, id, 0, 1],
+        )
+        .unwrap();
+        let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN];
+        raw.extend_from_slice(&sp[..len]);
+        raw
+    }
+
+    /// A packet descriptor stand-in: one datagram a read, as a TUN device gives one packet.
+    fn packet_pair() -> (std::os::unix::net::UnixDatagram, std::os::unix::net::UnixDatagram) {
+        let (tun, kernel) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        tun.set_nonblocking(true).unwrap();
+        (tun, kernel)
+    }
+
+    /// ICMP packets' ids and TCP segments' (source port, payload byte), in the order given.
+    fn what(packets: &[PacketBuf]) -> Vec<(u16, u8)> {
+        packets
+            .iter()
+            .map(|p| {
+                let d = p.data();
+                if d[9] == 1 { (0, d[25]) } else { (u16::from_be_bytes([d[20], d[21]]), d[40]) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reading_ahead_lets_another_flows_packet_pass_a_bulk_transfer_but_keeps_each_flow_in_order() {
+        use std::os::fd::AsFd;
+        let (tun, kernel) = packet_pair();
+        for fill in 1..=3 {
+            kernel.send(&tcp_read(40, 4000, fill)).unwrap();
+        }
+        kernel.send(&icmp_read(9)).unwrap();
+        kernel.send(&tcp_read(1, 4000, 4)).unwrap(); // the bulk flow's own single packet
+        let mut ahead = ReadAhead::new();
         let mut pool = BufPool::for_mtu(1420, 256);
-        let mut out = Vec::new();
-        let mut stats = IoStats::default();
-        split_read(&raw, &mut pool, &mut out, &mut stats);
-        assert_eq!((stats.tun_rx, stats.tun_gso_reads), (n as u64, 1));
-        out
+        let (mut out, mut stats) = (Vec::new(), IoStats::default());
+
+        // A turn's worth: the ping first, then the bulk in order until 64 or more have come.
+        assert!(ahead.read(tun.as_fd(), &mut pool, &mut out, &mut stats).unwrap());
+        let mut expected = vec![(0, 9)];
+        expected.extend(std::iter::repeat_n((4000, 1), 40));
+        expected.extend(std::iter::repeat_n((4000, 2), 40));
+        assert_eq!(what(&out), expected);
+        assert!(ahead.has_held());
+
+        // The rest, still in order, with the bulk flow's single packet after its segments.
+        out.clear();
+        assert!(!ahead.read(tun.as_fd(), &mut pool, &mut out, &mut stats).unwrap());
+        let mut expected: Vec<_> = std::iter::repeat_n((4000, 3), 40).collect();
+        expected.push((4000, 4));
+        assert_eq!(what(&out), expected);
+        assert!(!ahead.has_held());
+        assert_eq!((stats.tun_rx, stats.tun_gso_reads), (122, 3));
+
+        out.clear();
+        assert!(!ahead.read(tun.as_fd(), &mut pool, &mut out, &mut stats).unwrap());
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn reading_ahead_stops_at_its_buffers_and_says_more_is_waiting() {
+        use std::os::fd::AsFd;
+        let (tun, kernel) = packet_pair();
+        let n = READ_AHEAD + 4;
+        for id in 0..n {
+            kernel.send(&icmp_read(id as u8)).unwrap();
+        }
+        let mut ahead = ReadAhead::new();
+        let mut pool = BufPool::for_mtu(1420, 256);
+        let (mut out, mut stats) = (Vec::new(), IoStats::default());
+        assert!(ahead.read(tun.as_fd(), &mut pool, &mut out, &mut stats).unwrap(), "every buffer filled");
+        assert_eq!(out.len(), READ_AHEAD);
+        assert!(!ahead.read(tun.as_fd(), &mut pool, &mut out, &mut stats).unwrap());
+        let ids: Vec<u8> = what(&out).iter().map(|w| w.1).collect();
+        assert_eq!(ids, (0..n as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_failed_read_is_counted_after_what_was_held_is_handed_out() {
+        use std::os::fd::AsFd;
+        let (tun, kernel) = packet_pair();
+        kernel.send(&icmp_read(1)).unwrap();
+        let mut ahead = ReadAhead::new();
+        let mut pool = BufPool::for_mtu(1420, 256);
+        let (mut out, mut stats) = (Vec::new(), IoStats::default());
+        // A read into a write-only descriptor fails with EBADF after the first read.
+        let wronly = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
+        assert!(ahead.read(wronly.as_fd(), &mut pool, &mut out, &mut stats).is_err());
+        assert_eq!(stats.tun_read_errors, 1);
+        assert!(ahead.read(tun.as_fd(), &mut pool, &mut out, &mut stats).is_ok());
+        assert_eq!(what(&out), vec![(0, 1)]);
+        assert_eq!(ahead.free.len(), READ_AHEAD, "every buffer back");
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::stats::IoStats;
 use crate::sys::SendGroup;
 use crate::sys::ring::{Event, Ring, Socket};
 use crate::tun::PacketFd;
-use crate::vnet::{MAX_HELD_READS, TURN_PACKETS, TunWrite, VnetSide};
+use crate::vnet::{TunWrite, VnetSide};
 use crate::waker::Waker;
 
 pub use readiness::DEFAULT_IDLE_AFTER;
@@ -441,31 +441,10 @@ impl PacketIo for UringIo {
         out.append(&mut self.ready_packets);
         // Super-packets are split a turn's worth at a time, as runs are above; single packets
         // of other flows go first (`sparse_first`).
-        let start = out.len();
-        let held = self.ready_reads.len();
-        let mut taken = [false; MAX_HELD_READS];
-        crate::vnet::sparse_first(&self.ready_reads, &mut taken[..held]);
-        for (raw, _) in self.ready_reads.iter().zip(&taken).filter(|(_, t)| **t) {
-            crate::vnet::split_read(raw.data(), pool, out, &mut self.stats);
-        }
-        for (raw, taken) in self.ready_reads.iter().zip(taken.iter_mut()) {
-            if out.len() - start >= TURN_PACKETS {
-                break;
-            }
-            if !*taken {
-                crate::vnet::split_read(raw.data(), pool, out, &mut self.stats);
-                *taken = true;
-            }
-        }
-        let mut i = 0;
-        for t in &taken[..held] {
-            if *t {
-                let raw = self.ready_reads.remove(i);
-                self.ring.recycle_tun_buf(raw);
-            } else {
-                i += 1;
-            }
-        }
+        let ring = &mut self.ring;
+        crate::vnet::hand_out_reads(&mut self.ready_reads, pool, out, &mut self.stats, |raw| {
+            ring.recycle_tun_buf(raw)
+        });
         if let Some(e) = self.tun_read_error.take() {
             // Re-armed at the next turn, not now: a broken descriptor would fail again at once.
             return Err(e);
