@@ -125,10 +125,15 @@ fn sitelinkd_survives_garbage_and_counts_it() {
         return;
     }
     let mut pair = Pair::new();
+    pair.extra_args[0] = vec!["--realtime".into()];
     pair.start(0, Impl::Sitelink("mmsg"));
     pair.start(1, Impl::Sitelink("mmsg"));
     pair.configure();
     pair.ns_exec(0, "ping -c 2 -i 0.2 -W 3 10.202.0.2");
+    // The workers run in the fair class by default, under SCHED_FIFO with --realtime (root
+    // has CAP_SYS_NICE).
+    assert_eq!(worker_policies(pair.pid(0)), vec![SCHED_FIFO], "side 0's workers (--realtime)");
+    assert_eq!(worker_policies(pair.pid(1)), vec![SCHED_OTHER], "side 1's workers");
     // Random bytes, truncated and oversized messages, a transport header naming no session.
     pair.ns_exec(
         1,
@@ -150,6 +155,27 @@ fn sitelinkd_survives_garbage_and_counts_it() {
     }
     // And the kernel's drops at the TUN queue, read from the device in its namespace.
     assert!(last.contains("tun_queue_drops=Some("), "the TUN queue's drops not read: {last}");
+}
+
+/// Linux's scheduling policies, as `/proc` shows them.
+const SCHED_OTHER: i32 = 0;
+const SCHED_FIFO: i32 = 1;
+
+/// The scheduling policies of a process's worker threads (`sitelink-worker-N`), from
+/// `/proc/PID/task/*/stat` (field 41).
+fn worker_policies(pid: u32) -> Vec<i32> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads") {
+        let Ok(stat) = std::fs::read_to_string(task.expect("a thread").path().join("stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        if !head.contains("(sitelink-worker") {
+            continue;
+        }
+        // Field 3 is the first after the name: the policy, field 41, is the 39th of those.
+        let policy = rest.split_whitespace().nth(38).expect("a policy field");
+        policies.push(policy.parse().expect("a number"));
+    }
+    policies
 }
 
 /// wg-quick brings sitelinkd up as its userspace implementation (so sitelinkd daemonizes),

@@ -118,10 +118,90 @@ pub fn open_backend(
     }
 }
 
-/// Asks the scheduler for short slices for the calling thread (a link's worker): see
-/// [`request_slice`](crate::sys) in `sys`. Older kernels refuse or ignore it.
+/// A thread's scheduling (policy, nice value, real-time priority, slice), read from the
+/// calling thread with [`ThreadScheduling::current`], changed, and applied to the calling
+/// thread with [`ThreadScheduling::apply`]. What is not changed is written back as it was:
+/// an operator's `nice` or systemd `Nice=` for the daemon stays with its workers.
+#[derive(Clone, Copy)]
+pub struct ThreadScheduling {
+    attr: libc::sched_attr,
+}
+
+impl ThreadScheduling {
+    /// The calling thread's scheduling (`sched_getattr`).
+    pub fn current() -> io::Result<ThreadScheduling> {
+        sys::thread_sched_attr().map(|attr| ThreadScheduling { attr })
+    }
+
+    /// In the fair class (`SCHED_OTHER`, `SCHED_BATCH` or `SCHED_IDLE`).
+    pub fn is_fair(&self) -> bool {
+        [libc::SCHED_OTHER, libc::SCHED_BATCH, libc::SCHED_IDLE]
+            .iter()
+            .any(|p| *p as u32 == self.attr.sched_policy)
+    }
+
+    /// Under `SCHED_FIFO` or `SCHED_RR`.
+    pub fn is_real_time(&self) -> bool {
+        [libc::SCHED_FIFO, libc::SCHED_RR].iter().any(|p| *p as u32 == self.attr.sched_policy)
+    }
+
+    /// The nice value (meaningful in the fair class).
+    pub fn nice(&self) -> i32 {
+        self.attr.sched_nice
+    }
+
+    /// The same with slices of `slice` where it is in the fair class (`sched_runtime`, Linux
+    /// 6.12+ with EEVDF; older kernels take it and ignore it), else unchanged. A thread that
+    /// asks for short slices gets an earlier deadline, so that when it wakes (a packet came)
+    /// it runs before a busy thread that asked for none, instead of waiting out that
+    /// thread's slice. Its share of the processor is unchanged, and no privilege is needed.
+    pub fn with_slice(mut self, slice: std::time::Duration) -> ThreadScheduling {
+        if self.is_fair() {
+            self.attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
+            self.attr.sched_flags &= libc::SCHED_FLAG_RESET_ON_FORK as u64;
+        }
+        self
+    }
+
+    /// The same under `SCHED_FIFO` at `priority` (1-99): the thread runs as soon as it wakes,
+    /// ahead of every thread in the fair class, until it sleeps. Applying it needs
+    /// `CAP_SYS_NICE` (or an `RLIMIT_RTPRIO`), and a cgroup that grants real-time time.
+    pub fn real_time(mut self, priority: u8) -> ThreadScheduling {
+        self.attr.sched_policy = libc::SCHED_FIFO as u32;
+        self.attr.sched_priority = u32::from(priority.clamp(1, 99));
+        self.attr.sched_runtime = 0;
+        self.attr.sched_flags &= libc::SCHED_FLAG_RESET_ON_FORK as u64;
+        self
+    }
+
+    /// Applies this scheduling to the calling thread (`sched_setattr`).
+    pub fn apply(&self) -> io::Result<()> {
+        sys::set_thread_sched_attr(&self.attr)
+    }
+}
+
+impl std::fmt::Debug for ThreadScheduling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadScheduling")
+            .field("policy", &self.attr.sched_policy)
+            .field("nice", &self.attr.sched_nice)
+            .field("priority", &self.attr.sched_priority)
+            .field("slice_ns", &self.attr.sched_runtime)
+            .finish()
+    }
+}
+
+/// Asks the scheduler for short slices for the calling thread (a link's worker), keeping its
+/// policy and nice value: [`ThreadScheduling::with_slice`].
 pub fn request_short_slices(slice: std::time::Duration) -> io::Result<()> {
-    sys::request_slice(slice)
+    ThreadScheduling::current()?.with_slice(slice).apply()
+}
+
+/// The processor time the calling thread has used (`CLOCK_THREAD_CPUTIME_ID`): its own
+/// code and the kernel's work in its system calls.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(u64::try_from(t.tv_sec).unwrap_or(0), u32::try_from(t.tv_nsec).unwrap_or(0))
 }
 
 /// Whether this process runs as root (netns and TUN tests need it).
@@ -146,5 +226,61 @@ pub fn take_inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
         Err(std::env::VarError::NotUnicode(_)) => {
             Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{var} is not a descriptor number")))
         }
+    }
+}
+
+#[cfg(test)]
+mod scheduling_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_short_slice_keeps_the_threads_nice_value() {
+        // On a thread of its own: the nice value stays with it.
+        std::thread::spawn(|| {
+            let at_nice_7 = ThreadScheduling {
+                attr: libc::sched_attr { sched_nice: 7, ..ThreadScheduling::current().unwrap().attr },
+            };
+            at_nice_7.apply().unwrap();
+            match request_short_slices(Duration::from_micros(300)) {
+                Ok(()) => {
+                    let now = ThreadScheduling::current().unwrap();
+                    assert!(now.is_fair());
+                    // Kernels before 6.12 take the call and keep no slice.
+                    let slice = now.attr.sched_runtime;
+                    assert!(slice == 0 || slice == 300_000, "{slice}");
+                }
+                Err(e) => eprintln!("sched_setattr refused a slice here ({e})"),
+            }
+            assert_eq!(ThreadScheduling::current().unwrap().nice(), 7);
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn real_time_and_back_to_the_fair_class_as_it_was() {
+        std::thread::spawn(|| {
+            let fair = ThreadScheduling {
+                attr: libc::sched_attr { sched_nice: 3, ..ThreadScheduling::current().unwrap().attr },
+            };
+            fair.apply().unwrap();
+            let fair = ThreadScheduling::current().unwrap().with_slice(Duration::from_micros(100));
+            if let Err(e) = fair.real_time(1).apply() {
+                // Without CAP_SYS_NICE: not root. As root (and so in CI) it must work.
+                assert!(!is_root(), "real-time scheduling refused to root: {e}");
+                eprintln!("SKIPPED: real-time scheduling needs root ({e})");
+                return;
+            }
+            let rt = ThreadScheduling::current().unwrap();
+            assert!(rt.is_real_time() && !rt.is_fair());
+            assert_eq!((rt.attr.sched_policy, rt.attr.sched_priority), (libc::SCHED_FIFO as u32, 1));
+            fair.apply().unwrap();
+            let back = ThreadScheduling::current().unwrap();
+            assert!(back.is_fair());
+            assert_eq!(back.nice(), 3);
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -74,6 +74,7 @@ pub mod conf;
 mod open_sharing;
 mod parse;
 mod rand;
+mod scheduling;
 mod sync;
 pub mod uapi;
 mod worker;
@@ -137,6 +138,7 @@ pub struct LinkBuilder {
     batch: usize,
     workers: usize,
     offload: bool,
+    real_time: Option<u8>,
 }
 
 /// The most worker threads a link runs.
@@ -155,6 +157,7 @@ impl LinkBuilder {
             batch: sitelink_io::DEFAULT_BATCH,
             workers: 1,
             offload: true,
+            real_time: None,
         }
     }
 
@@ -193,6 +196,19 @@ impl LinkBuilder {
     pub fn offload(mut self, on: bool) -> Self {
         self.offload = on;
         self.udp.gro = on;
+        self
+    }
+
+    /// Runs the workers under `SCHED_FIFO` at `priority` (1-99) while they have time to
+    /// spare (off, `None`, by default). On a machine whose processors the link shares with
+    /// busy applications, most of a packet's wait through a loaded link is its worker waiting
+    /// for a processor; a real-time worker runs as soon as a packet wakes it. A worker busy
+    /// for more than 90% of 100 ms (a flood) goes back to the fair class, so that it cannot
+    /// starve the machine, and returns once it is under 50%. It needs `CAP_SYS_NICE`; where
+    /// the kernel refuses it, the link logs why and runs in the fair class. A worker started
+    /// real-time (`chrt`) keeps what it was given.
+    pub fn real_time_workers(mut self, priority: Option<u8>) -> Self {
+        self.real_time = priority;
         self
     }
 
@@ -333,6 +349,7 @@ impl LinkBuilder {
             fwmark: AtomicU32::new(self.udp.fwmark),
             udp: udp_config,
             in_process,
+            real_time: self.real_time,
         });
         if let Some(side) = &shared.in_process {
             for (index, waker) in shared.wakers.iter().enumerate() {

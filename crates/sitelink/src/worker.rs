@@ -36,6 +36,7 @@ use sitelink_io::{InProcessSide, IoStats, PacketIo, UdpConfig, UdpSocket, Waker}
 use sitelink_proto::{CryptoBatch, Device};
 
 use crate::open_sharing::OpenSharing;
+use crate::scheduling::WorkerScheduling;
 use crate::sync::lock;
 
 /// State shared by the workers and the control side.
@@ -63,6 +64,8 @@ pub(crate) struct Shared {
     pub(crate) udp: UdpConfig,
     /// The embedded mode's packet side (`None` over a TUN device, which the backends move).
     pub(crate) in_process: Option<InProcessSide>,
+    /// The real-time priority workers take while they have time to spare, if any.
+    pub(crate) real_time: Option<u8>,
 }
 
 impl Shared {
@@ -117,7 +120,7 @@ const VEC_CAPACITY: usize = 1024;
 /// first busy seconds do not each allocate more.
 pub(crate) const WORKER_PREFILL: usize = 256 + sitelink_io::GRO_RECEIVE_BUFFERS;
 
-/// The scheduler slice a worker asks for (`sitelink_io::request_short_slices`): a worker woken
+/// The scheduler slice a worker asks for in the fair class ([`WorkerScheduling`]): a worker woken
 /// by a packet then runs before a busy thread's slice ends (on a small machine, the
 /// application's own), which is most of a ping's wait through a loaded link.
 const WORKER_SLICE: Duration = Duration::from_micros(100);
@@ -159,10 +162,7 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
     let mut endpoints_wanted = 0u64;
     let mut last_connect = Instant::now();
 
-    if let Err(e) = sitelink_io::request_short_slices(WORKER_SLICE) {
-        // Kernels before 6.12 (no EEVDF slices) refuse it; the link works the same.
-        tracing::debug!(error = %e, "the scheduler refused a short slice");
-    }
+    let mut scheduling = WorkerScheduling::start(shared.real_time, WORKER_SLICE, index, Instant::now());
     let mut deadline = lock(&shared.device).next_deadline();
     while !shared.stop.load(Ordering::Relaxed) {
         let mut timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -188,6 +188,7 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             panic!("injected by Link::inject_worker_panic");
         }
         let now = Instant::now();
+        scheduling.turn(index, now);
 
         if let Some(socket) = lock(&slot.pending_socket).take() {
             let port = socket.port();

@@ -547,24 +547,10 @@ pub(crate) fn probe_udp_gso(fd: BorrowedFd<'_>) -> bool {
 
 // ---- Process -----------------------------------------------------------------------------
 
-/// Asks the scheduler to give the calling thread slices of `slice` (`sched_setattr` with
-/// `sched_runtime`, Linux 6.12+ with EEVDF): a thread that asks for short slices gets an
-/// earlier deadline, so that when it wakes (a packet came) it runs before a busy thread that
-/// asked for none, instead of waiting out that thread's slice. Its share of the processor is
-/// unchanged. Unprivileged. The thread keeps its policy and nice value (an operator's `nice`
-/// or systemd `Nice=` for the daemon): they are read first and written back as they were. A
-/// thread under a real-time or deadline policy is left as it is (slices are for the fair
-/// class).
-pub(crate) fn request_slice(slice: Duration) -> io::Result<()> {
-    let mut attr = thread_sched_attr()?;
-    let fair = [libc::SCHED_OTHER, libc::SCHED_BATCH, libc::SCHED_IDLE];
-    if !fair.iter().any(|p| *p as u32 == attr.sched_policy) {
-        return Ok(());
-    }
+/// Sets the calling thread's scheduling attributes (`sched_setattr`) to `attr`.
+pub(crate) fn set_thread_sched_attr(attr: &libc::sched_attr) -> io::Result<()> {
+    let mut attr = *attr;
     attr.size = size_of::<libc::sched_attr>() as u32;
-    // Only what this call sets: no utilisation clamps, no reset-on-fork taken back.
-    attr.sched_flags &= libc::SCHED_FLAG_RESET_ON_FORK as u64;
-    attr.sched_runtime = u64::try_from(slice.as_nanos()).unwrap_or(u64::MAX);
     // SAFETY: sched_setattr reads one `struct sched_attr` of the size given in its first
     // field, from a live local; pid 0 is the calling thread.
     check(unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const libc::sched_attr, 0) }
@@ -601,34 +587,6 @@ pub(crate) fn is_root() -> bool {
 mod tests {
     use super::*;
     use std::os::fd::IntoRawFd;
-
-    #[test]
-    fn a_short_slice_keeps_the_threads_nice_value() {
-        // On a thread of its own: the nice value stays with it.
-        std::thread::spawn(|| {
-            // SAFETY: setpriority on the calling thread's id; raising nice needs no privilege.
-            let tid = unsafe { libc::gettid() };
-            // SAFETY: as above; PRIO_PROCESS with a thread id names that one thread.
-            assert_eq!(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 7) }, 0);
-            let slice = Duration::from_micros(300);
-            match request_slice(slice) {
-                Ok(()) => {
-                    let attr = thread_sched_attr().unwrap();
-                    assert_eq!((attr.sched_policy, attr.sched_nice), (libc::SCHED_OTHER as u32, 7));
-                    // Kernels before 6.12 take the call and keep no slice.
-                    assert!(
-                        attr.sched_runtime == 0 || attr.sched_runtime == 300_000,
-                        "{}",
-                        attr.sched_runtime
-                    );
-                }
-                Err(e) => eprintln!("sched_setattr refused here ({e}); the nice value is untouched"),
-            }
-            assert_eq!(thread_sched_attr().unwrap().sched_nice, 7);
-        })
-        .join()
-        .unwrap();
-    }
 
     #[test]
     fn an_inherited_descriptor_is_taken_once() {
