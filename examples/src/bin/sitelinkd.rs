@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use clap::builder::BoolishValueParser;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use sitelink::{BackendKind, LinkBuilder, LinkError, Tun, uapi};
@@ -61,7 +62,7 @@ struct Args {
     /// No segmentation offloads: the TUN device is opened without a virtio-net header (one
     /// packet per read and write) and datagrams are received one by one, for a kernel whose
     /// offloads misbehave.
-    #[arg(long, env = "SITELINK_NO_OFFLOAD")]
+    #[arg(long, env = "SITELINK_NO_OFFLOAD", value_parser = BoolishValueParser::new())]
     no_offload: bool,
     /// Run the workers under SCHED_FIFO (priority 1) while they have time to spare, so that
     /// a packet through a loaded link does not wait for a processor behind busy applications
@@ -69,7 +70,7 @@ struct Args {
     /// it is under 50%). It takes processor time from the machine's other threads: for a
     /// gateway whose applications run elsewhere. Needs CAP_SYS_NICE; refused, the workers
     /// stay in the fair class and the log says so.
-    #[arg(long, env = "SITELINK_REALTIME")]
+    #[arg(long, env = "SITELINK_REALTIME", value_parser = BoolishValueParser::new())]
     realtime: bool,
     /// For tests and fault drills: multiply every protocol timer by this (0.025 rekeys every
     /// 3 s). Both ends must agree. Never use it on a production link.
