@@ -202,11 +202,14 @@ impl LinkBuilder {
     /// Runs the workers under `SCHED_FIFO` at `priority` (1-99) while they have time to
     /// spare (off, `None`, by default). On a machine whose processors the link shares with
     /// busy applications, most of a packet's wait through a loaded link is its worker waiting
-    /// for a processor; a real-time worker runs as soon as a packet wakes it. A worker busy
-    /// for more than 90% of 100 ms (a flood) goes back to the fair class, so that it cannot
-    /// starve the machine, and returns once it is under 50%. It needs `CAP_SYS_NICE`; where
-    /// the kernel refuses it, the link logs why and runs in the fair class. A worker started
-    /// real-time (`chrt`) keeps what it was given.
+    /// for a processor; a real-time worker runs as soon as a packet wakes it. It takes that
+    /// time from the machine's other threads: applications on the same machine that move
+    /// small packets as fast as they can lose rate (half, in benches/RESULTS.md), so it is for
+    /// a gateway whose applications run elsewhere. A worker that uses over 97% of a processor
+    /// for 100 ms (a flood) goes back to the fair class, so that it cannot starve the
+    /// machine, and returns once it is under 50%. It needs `CAP_SYS_NICE`; where the kernel
+    /// refuses it, the link logs why and runs in the fair class. A worker started real-time
+    /// (`chrt`) keeps what it was given.
     pub fn real_time_workers(mut self, priority: Option<u8>) -> Self {
         self.real_time = priority;
         self

@@ -27,7 +27,7 @@ pub(crate) const SATURATED: u32 = 97;
 /// class returns to real time.
 pub(crate) const RECOVERED: u32 = 50;
 
-/// One worker's scheduling, and the busy time that decides it.
+/// One worker's scheduling, and the processor time that decides it.
 #[derive(Debug)]
 pub(crate) struct WorkerScheduling {
     /// The worker's scheduling in the fair class (its own policy and nice value, with short
@@ -134,6 +134,7 @@ impl WorkerScheduling {
         (want != self.on).then_some(want)
     }
 
+    /// Takes real time (`want`) or leaves it for the fair class; a refusal ends the changes.
     fn switch(&mut self, index: usize, want: bool) {
         let (Some(fair), Some(rt)) = (self.fair, self.real_time) else { return };
         match if want { rt.apply() } else { fair.apply() } {
