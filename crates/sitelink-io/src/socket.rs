@@ -18,7 +18,8 @@ pub struct UdpConfig {
     /// Listen on loopback only (for tests and the demo).
     pub loopback_only: bool,
     /// Set `SO_REUSEPORT`, so that several workers share the port, and so that the backend
-    /// can give each peer a connected socket of its own on it ([`PacketIo::connect_peers`]).
+    /// can give each peer a connected socket of its own on it
+    /// ([`PacketIo::connect_peers`](crate::PacketIo::connect_peers)).
     pub reuse_port: bool,
     /// Let the backend turn UDP GRO on (`UDP_GRO`), so that a run of datagrams from one sender
     /// comes in with one receive (the backends cut it up; a plain reader of the socket never

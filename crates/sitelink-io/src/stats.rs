@@ -24,8 +24,9 @@ pub struct IoStats {
     /// UDP send system calls (or submissions) made: with GSO and batching, far fewer than
     /// datagrams.
     pub send_calls: u64,
-    /// Peers with a connected socket of their own now ([`PacketIo::connect_peers`]): a level,
-    /// not a count of events.
+    /// Peers with a connected socket of their own now
+    /// ([`PacketIo::connect_peers`](crate::PacketIo::connect_peers)): a level, not a count of
+    /// events.
     pub peer_sockets: u64,
     /// Peer sockets closed because a send on them failed in a way that the socket itself
     /// causes (its source address left the host); the shared socket serves those peers.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::sys;
 
-/// Wakes a worker blocked in [`PacketIo::wait`] from another thread.
+/// Wakes a worker blocked in [`PacketIo::wait`](crate::PacketIo::wait) from another thread.
 #[derive(Debug, Clone)]
 pub struct Waker(pub(crate) Arc<OwnedFd>);
 

@@ -135,7 +135,7 @@ impl Device {
     /// A number that changes whenever a peer's endpoint may have: set by configuration, moved
     /// by roaming, or gone with its peer. I/O layers that keep something per endpoint (a
     /// connected socket) compare it with the value they last saw, and only then walk
-    /// [`endpoints`](Self::endpoints) again.
+    /// [`busiest_endpoints`](Self::busiest_endpoints) again.
     pub fn endpoint_generation(&self) -> u64 {
         self.endpoint_generation
     }
