@@ -234,14 +234,18 @@ mod scheduling_tests {
     use super::*;
     use std::time::Duration;
 
+    /// Sets the calling thread's nice value (raising it needs no privilege).
+    fn set_nice(nice: i32) {
+        let mut s = ThreadScheduling::current().unwrap();
+        s.attr.sched_nice = nice;
+        s.apply().unwrap();
+    }
+
     #[test]
     fn a_short_slice_keeps_the_threads_nice_value() {
         // On a thread of its own: the nice value stays with it.
         std::thread::spawn(|| {
-            let at_nice_7 = ThreadScheduling {
-                attr: libc::sched_attr { sched_nice: 7, ..ThreadScheduling::current().unwrap().attr },
-            };
-            at_nice_7.apply().unwrap();
+            set_nice(7);
             match request_short_slices(Duration::from_micros(300)) {
                 Ok(()) => {
                     let now = ThreadScheduling::current().unwrap();
@@ -261,10 +265,7 @@ mod scheduling_tests {
     #[test]
     fn real_time_and_back_to_the_fair_class_as_it_was() {
         std::thread::spawn(|| {
-            let fair = ThreadScheduling {
-                attr: libc::sched_attr { sched_nice: 3, ..ThreadScheduling::current().unwrap().attr },
-            };
-            fair.apply().unwrap();
+            set_nice(3);
             let fair = ThreadScheduling::current().unwrap().with_slice(Duration::from_micros(100));
             if let Err(e) = fair.real_time(1).apply() {
                 // Without CAP_SYS_NICE: not root. As root (and so in CI) it must work.
