@@ -251,6 +251,11 @@ impl LinkBuilder {
     /// The kernel spreads packets over the queues by flow and datagrams over the sockets by
     /// source address, so each flow keeps its order. Workers share the engine, holding it only
     /// to route, count and check; sealing and opening run outside it, in parallel.
+    ///
+    /// One exception to the order: when a busy peer's endpoint changes (its first traffic,
+    /// roaming), every worker connects a socket of its own to it, each at its next turn, and
+    /// the kernel hands the peer's datagrams to the newest of them. A few datagrams that
+    /// arrive while that moves may overtake ones still queued at the older socket, once.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n.clamp(1, MAX_WORKERS);
         self

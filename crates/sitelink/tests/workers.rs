@@ -94,6 +94,19 @@ fn receive(queues: &PacketQueues, want: usize, limit: Duration) -> Vec<Vec<u8>> 
     got
 }
 
+/// Waits until each of `link`'s workers has given the one peer a connected socket.
+fn every_worker_connected(link: &Link) {
+    let start = Instant::now();
+    loop {
+        let sockets: Vec<u64> = link.stats().io_per_worker.iter().map(|w| w.peer_sockets).collect();
+        if sockets.iter().all(|&n| n == 1) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "workers' connected sockets: {sockets:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// How long the bulk transfer may take before the test gives up.
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -111,6 +124,13 @@ fn many_flows_arrive_whole_and_in_order(backend: BackendKind) {
     assert_eq!(receive(&pb, 1, Duration::from_secs(10)).len(), 1, "handshake and first packet");
     send(&pb, &packet(B, A, 0, u32::MAX));
     assert_eq!(receive(&pa, 1, Duration::from_secs(10)).len(), 1, "first packet back");
+    // The peer's first traffic gives it a connected socket in every worker, each worker at
+    // its own next turn. The kernel hands a peer's datagrams to the newest of those sockets,
+    // so while a worker is late to connect, the flows move to it mid-stream and a few
+    // datagrams may overtake those still queued at the old socket. This test is about order
+    // once that has settled: wait for it.
+    every_worker_connected(&a);
+    every_worker_connected(&b);
 
     // The sender keeps at most WINDOW packets unreceived: a receiving application that falls
     // behind loses packets at its full inbound queue, as at a full TUN queue (counted as
