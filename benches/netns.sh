@@ -15,9 +15,8 @@
 #                ping RTT median and p99 while one TCP stream fills the link (pings at 20 ms
 #                from the second second on), and that stream's Gbit/s
 #   rss          peak RSS of each end
-# sitelink-uring-rt is sitelinkd with --realtime (workers under SCHED_FIFO while they have
-# time to spare): it takes processor time from the iperf3 ends on this same machine, which
-# its udp64 figure shows.
+# sitelinkd's workers run under SCHED_FIFO while they have time to spare (its default);
+# sitelink-uring-fair is sitelinkd with --realtime=false, in the fair class.
 # Needs root, ../shared/bench (install-peers.sh installs every peer), iperf3, wireguard-tools.
 # usage: sudo benches/netns.sh [seconds] [impl...]
 set -u
@@ -37,11 +36,11 @@ try: print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_secon
 except Exception: print("FAILED")'
 }
 
-measure() { # label impl [backend] [workers] [realtime: true|false]
+measure() { # label impl [backend] [workers] [realtime: true (default) | false]
   (
     NL_ID=$((RANDOM % 9000 + 1000)); NA=nlA$NL_ID; NB=nlB$NL_ID; IA=wa$NL_ID; IB=wb$NL_ID; NL_PIDS=()
     trap nl_cleanup EXIT
-    export SITELINK_BACKEND=${3:-uring} SITELINK_WORKERS=${4:-1} SITELINK_REALTIME=${5:-false}
+    export SITELINK_BACKEND=${3:-uring} SITELINK_WORKERS=${4:-1} SITELINK_REALTIME=${5:-true}
     nl_link $2 $2 >/dev/null 2>&1 || { printf '%-18s setup FAILED\n' "$1"; exit 0; }
     ip netns exec $NA ping -c 3 -i 0.2 -W 2 -q 10.88.0.2 >/dev/null 2>&1
     tcp=$(nl_tcp_gbps $T)
@@ -75,7 +74,7 @@ printf '%-18s %9s %9s %10s %8s %11s %11s %13s %9s %9s\n' impl tcp_Gbps tcp4_Gbps
   load_med_us load_p99_us load_tcp_Gbps rssA_KiB rssB_KiB
 want sitelink-uring && measure sitelink-uring sitelink uring
 want sitelink-uring-w2 && measure sitelink-uring-w2 sitelink uring 2
-want sitelink-uring-rt && measure sitelink-uring-rt sitelink uring 1 true
+want sitelink-uring-fair && measure sitelink-uring-fair sitelink uring 1 false
 want sitelink-mmsg && measure sitelink-mmsg sitelink mmsg
 want wireguard-go-2023 && measure wireguard-go-2023 wireguard-go-2023
 want gotatun && measure gotatun gotatun

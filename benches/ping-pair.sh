@@ -29,15 +29,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# label impl backend
-TUNNELS=("sitelink-uring sitelink uring" "sitelink-mmsg sitelink mmsg" "boringtun boringtun -" "wireguard-go wireguard-go -")
+# label impl backend realtime (sitelink-uring-fair: sitelinkd's workers in the fair class)
+TUNNELS=("sitelink-uring sitelink uring true" "sitelink-uring-fair sitelink uring false"
+  "sitelink-mmsg sitelink mmsg true" "boringtun boringtun - -" "wireguard-go wireguard-go - -")
 BASE=$((RANDOM % 5000 + 1000))
 declare -a LABELS NSA
 for t in "${!TUNNELS[@]}"; do
-  read -r label impl backend <<<"${TUNNELS[$t]}"
+  read -r label impl backend realtime <<<"${TUNNELS[$t]}"
   NL_ID=$((BASE + t)); NA=nlA$NL_ID; NB=nlB$NL_ID; IA=wa$NL_ID; IB=wb$NL_ID
   ALL_NS+=("$NA" "$NB")
-  SITELINK_BACKEND=$backend nl_link "$impl" "$impl" >/dev/null 2>&1 || { echo "$label: setup FAILED"; exit 1; }
+  SITELINK_BACKEND=$backend SITELINK_REALTIME=$realtime nl_link "$impl" "$impl" >/dev/null 2>&1 || { echo "$label: setup FAILED"; exit 1; }
   ip netns exec "$NA" ping -c 3 -i 0.2 -W 2 -q 10.88.0.2 >/dev/null 2>&1
   LABELS[$t]=$label; NSA[$t]=$NA # (nl_link's own loops use $i)
 done
@@ -54,14 +55,14 @@ for r in $(seq 0 $((ROUNDS - 1))); do
   wait "${pids[@]}"
 done
 
-printf '%-16s %8s %8s %8s %8s %8s\n' impl pings median p10 p90 mean
+printf '%-20s %8s %8s %8s %8s %8s\n' impl pings median p10 p90 mean
 for i in $(seq 0 $((K - 1))); do
   python3 - "${LABELS[$i]}" "$OUT/${LABELS[$i]}" <<'PY'
 import re, statistics, sys
 v = sorted(float(m) * 1000 for m in re.findall(r'time=([\d.]+)', open(sys.argv[2]).read()))
 if not v:
-    print("%-16s FAILED" % sys.argv[1]); sys.exit()
-print("%-16s %8d %8.0f %8.0f %8.0f %8.0f" % (sys.argv[1], len(v), statistics.median(v),
+    print("%-20s FAILED" % sys.argv[1]); sys.exit()
+print("%-20s %8d %8.0f %8.0f %8.0f %8.0f" % (sys.argv[1], len(v), statistics.median(v),
       v[len(v) // 10], v[len(v) * 9 // 10], statistics.mean(v)))
 PY
 done

@@ -125,15 +125,15 @@ fn sitelinkd_survives_garbage_and_counts_it() {
         return;
     }
     let mut pair = Pair::new();
-    pair.extra_args[0] = vec!["--realtime".into()];
+    pair.extra_args[1] = vec!["--no-realtime".into()];
     pair.start(0, Impl::Sitelink("mmsg"));
     pair.start(1, Impl::Sitelink("mmsg"));
     pair.configure();
     pair.ns_exec(0, "ping -c 2 -i 0.2 -W 3 10.202.0.2");
-    // The workers run in the fair class by default, under SCHED_FIFO with --realtime (root
-    // has CAP_SYS_NICE).
-    assert_eq!(worker_policies(pair.pid(0)), vec![SCHED_FIFO], "side 0's workers (--realtime)");
-    assert_eq!(worker_policies(pair.pid(1)), vec![SCHED_OTHER], "side 1's workers");
+    // The workers run under SCHED_FIFO by default (root has CAP_SYS_NICE), in the fair class
+    // with --no-realtime.
+    assert_eq!(worker_policies(pair.pid(0)), vec![SCHED_FIFO], "side 0's workers");
+    assert_eq!(worker_policies(pair.pid(1)), vec![SCHED_OTHER], "side 1's workers (--no-realtime)");
     // Random bytes, truncated and oversized messages, a transport header naming no session.
     pair.ns_exec(
         1,

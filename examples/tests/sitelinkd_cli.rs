@@ -22,3 +22,26 @@ fn switches_from_the_environment_take_1_and_0_as_well_as_true_and_false() {
         assert!(said.contains("invalid value 'maybe'"), "{var}=maybe: {said}");
     }
 }
+
+#[test]
+fn real_time_is_the_default_and_can_be_turned_off_three_ways() {
+    let complaint_with = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_sitelinkd"))
+            .args(args)
+            .env_remove("SITELINK_REALTIME")
+            .output()
+            .expect("sitelinkd runs");
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for args in [&["--realtime"][..], &["--realtime=false"], &["--realtime=0"], &["--no-realtime"]] {
+        let said = complaint_with(args);
+        assert!(said.contains("required arguments were not provided"), "{args:?}: {said}");
+    }
+    // `--realtime false` would take "false" for the interface's name: the value needs `=`.
+    let said = complaint_with(&["--realtime=maybe"]);
+    assert!(said.contains("invalid value 'maybe'"), "{said}");
+    let help = Command::new(env!("CARGO_BIN_EXE_sitelinkd")).arg("--help").output().expect("sitelinkd runs");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--realtime[=<REALTIME>]") && help.contains("[default: true]"), "{help}");
+}

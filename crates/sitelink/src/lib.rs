@@ -200,16 +200,20 @@ impl LinkBuilder {
     }
 
     /// Runs the workers under `SCHED_FIFO` at `priority` (1-99) while they have time to
-    /// spare (off, `None`, by default). On a machine whose processors the link shares with
-    /// busy applications, most of a packet's wait through a loaded link is its worker waiting
-    /// for a processor; a real-time worker runs as soon as a packet wakes it. It takes that
-    /// time from the machine's other threads: applications on the same machine that move
-    /// small packets as fast as they can lose rate (half, in benches/RESULTS.md), so it is for
-    /// a gateway whose applications run elsewhere. A worker that uses over 97% of a processor
-    /// for 100 ms (a flood) goes back to the fair class, so that it cannot starve the
-    /// machine, and returns once it is under 50%. It needs `CAP_SYS_NICE`; where the kernel
-    /// refuses it, the link logs why and runs in the fair class. A worker started real-time
-    /// (`chrt`) keeps what it was given.
+    /// spare (off, `None`, by default in the library; sitelinkd turns it on). On a machine
+    /// whose processors the link shares with busy applications, most of a packet's wait
+    /// through a loaded link is its worker waiting for a processor; a real-time worker runs as
+    /// soon as a packet wakes it. A worker goes back to the fair class, each judged on its
+    /// last 100 ms:
+    /// - over 97% of a processor (a flood), so that it cannot starve the machine, until it is
+    ///   under 50%;
+    /// - over 40% in turns of fewer than 8 packets (small packets one by one, which move
+    ///   faster in the fair class's batches, and whose senders a real-time worker would
+    ///   preempt at every packet), until it is under 20%.
+    ///
+    /// It needs `CAP_SYS_NICE`; where the kernel refuses it, the link logs why and runs in the
+    /// fair class. A worker started real-time (`chrt`) keeps what it was given. The
+    /// figures are in benches/RESULTS.md.
     pub fn real_time_workers(mut self, priority: Option<u8>) -> Self {
         self.real_time = priority;
         self

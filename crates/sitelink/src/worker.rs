@@ -188,7 +188,7 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             panic!("injected by Link::inject_worker_panic");
         }
         let now = Instant::now();
-        scheduling.turn(index, now);
+        scheduling.turn(index, now, io.stats().udp_rx + io.stats().tun_rx);
 
         if let Some(socket) = lock(&slot.pending_socket).take() {
             let port = socket.port();

@@ -64,14 +64,27 @@ struct Args {
     /// offloads misbehave.
     #[arg(long, env = "SITELINK_NO_OFFLOAD", value_parser = BoolishValueParser::new())]
     no_offload: bool,
-    /// Run the workers under SCHED_FIFO (priority 1) while they have time to spare, so that
-    /// a packet through a loaded link does not wait for a processor behind busy applications
-    /// (a worker using over 97% of a processor for 100 ms goes back to the fair class until
-    /// it is under 50%). It takes processor time from the machine's other threads: for a
-    /// gateway whose applications run elsewhere. Needs CAP_SYS_NICE; refused, the workers
-    /// stay in the fair class and the log says so.
-    #[arg(long, env = "SITELINK_REALTIME", value_parser = BoolishValueParser::new())]
+    /// Run the workers under SCHED_FIFO (priority 1) while they have time to spare (the
+    /// default), so that a packet through a loaded link does not wait for a processor behind
+    /// busy applications. A worker goes back to the fair class while it uses over 97% of a
+    /// processor (a flood; until it is under 50%), or over 40% in turns of a few packets
+    /// each (small packets one by one, which move faster in batches; until it is under
+    /// 20%). Needs CAP_SYS_NICE; refused, the workers stay in the fair class and the log
+    /// says so. `--realtime=false` (or SITELINK_REALTIME=0, or --no-realtime) keeps them in
+    /// the fair class, for a machine whose other threads must never wait behind the link.
+    #[arg(
+        long,
+        env = "SITELINK_REALTIME",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value = "true"
+    )]
     realtime: bool,
+    /// The workers stay in the fair class, whatever `--realtime` or SITELINK_REALTIME say.
+    #[arg(long)]
+    no_realtime: bool,
     /// For tests and fault drills: multiply every protocol timer by this (0.025 rekeys every
     /// 3 s). Both ends must agree. Never use it on a production link.
     #[arg(long, env = "SITELINK_TEST_TIME_SCALE", hide = true)]
@@ -228,7 +241,7 @@ fn run(args: &Args) -> Result<(), DaemonError> {
         .mtu(mtu)
         .workers(usize::from(args.workers))
         .offload(!args.no_offload)
-        .real_time_workers(args.realtime.then_some(WORKER_PRIORITY));
+        .real_time_workers((args.realtime && !args.no_realtime).then_some(WORKER_PRIORITY));
     if let Some(f) = args.time_scale {
         tracing::warn!(factor = f, "protocol timers scaled for testing");
         builder = builder.timing(sitelink::Timing::scaled(f));
