@@ -121,6 +121,7 @@ impl MmsgCalls {
             match (self.addrs[i], self.truncated[i]) {
                 (Some(addr), false) => {
                     stats.udp_rx += 1;
+                    stats.udp_rx_bytes += buf.data().len() as u64;
                     out.push(Datagram { addr, buf });
                 }
                 _ => {
@@ -264,6 +265,7 @@ pub(crate) fn read_packet_batch(
                 Ok(n) => {
                     buf.set_len(n).expect("read within the spare room");
                     stats.tun_rx += 1;
+                    stats.tun_rx_bytes += n as u64;
                     out.push(buf);
                     Ok(true)
                 }

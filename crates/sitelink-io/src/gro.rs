@@ -210,6 +210,7 @@ impl ScatterSlot {
                 let mut buf = std::mem::replace(&mut self.bufs[i], pool.get());
                 buf.set_len(len).expect("the kernel wrote within the piece");
                 stats.udp_rx += 1;
+                stats.udp_rx_bytes += len as u64;
                 out.push(Datagram { addr, buf });
             }
             return;
@@ -226,6 +227,7 @@ impl ScatterSlot {
                 Ok(()) => {
                     self.gather(from, buf.data_mut());
                     stats.udp_rx += 1;
+                    stats.udp_rx_bytes += (to - from) as u64;
                     out.push(Datagram { addr, buf });
                 }
                 Err(_) => {
@@ -461,6 +463,7 @@ mod tests {
         assert_eq!(out.iter().flat_map(|d| d.buf.data().to_vec()).collect::<Vec<_>>(), data);
         assert_eq!(out[44].buf.len(), 700);
         assert_eq!((stats.udp_rx, stats.udp_gro_reads, stats.udp_gro_copied), (45, 1, 0));
+        assert_eq!(stats.udp_rx_bytes, data.len() as u64);
         // Fresh buffers took their places.
         assert!(slot.bufs[..45].iter().all(|b| b.is_empty() && !first.contains(&b.data().as_ptr())));
     }

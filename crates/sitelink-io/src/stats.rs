@@ -5,10 +5,15 @@
 pub struct IoStats {
     /// Datagrams received.
     pub udp_rx: u64,
+    /// Bytes of the datagrams received (their UDP payloads).
+    pub udp_rx_bytes: u64,
     /// Datagrams sent.
     pub udp_tx: u64,
     /// Packets read from the TUN side.
     pub tun_rx: u64,
+    /// Bytes read from the TUN side (a super-packet's as read, without its virtio-net
+    /// header, not its segments').
+    pub tun_rx_bytes: u64,
     /// Packets written to the TUN side.
     pub tun_tx: u64,
     /// Datagrams the kernel refused to send (unreachable destination, full buffer, ...).
@@ -64,8 +69,10 @@ impl IoStats {
     pub fn add(&mut self, other: &IoStats) {
         let IoStats {
             udp_rx,
+            udp_rx_bytes,
             udp_tx,
             tun_rx,
+            tun_rx_bytes,
             tun_tx,
             udp_send_errors,
             udp_truncated,
@@ -89,8 +96,10 @@ impl IoStats {
             udp_gro_refused,
         } = other;
         self.udp_rx += udp_rx;
+        self.udp_rx_bytes += udp_rx_bytes;
         self.udp_tx += udp_tx;
         self.tun_rx += tun_rx;
+        self.tun_rx_bytes += tun_rx_bytes;
         self.tun_tx += tun_tx;
         self.udp_send_errors += udp_send_errors;
         self.udp_truncated += udp_truncated;

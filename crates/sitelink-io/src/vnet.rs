@@ -256,6 +256,7 @@ pub(crate) fn split_read(raw: &[u8], pool: &mut BufPool, out: &mut Vec<PacketBuf
     match result {
         Ok((n, hdr)) => {
             stats.tun_rx += n as u64;
+            stats.tun_rx_bytes += (raw.len() - VIRTIO_NET_HDR_LEN) as u64;
             if hdr.gso_type != VirtioNetHdr::GSO_NONE {
                 stats.tun_gso_reads += 1;
             }
@@ -357,6 +358,7 @@ mod tests {
         let mut stats = IoStats::default();
         split_read(&raw, &mut pool, &mut out, &mut stats);
         assert_eq!((stats.tun_rx, stats.tun_gso_reads), (n as u64, 1));
+        assert_eq!(stats.tun_rx_bytes, (raw.len() - VIRTIO_NET_HDR_LEN) as u64);
         out
     }
 

@@ -130,7 +130,7 @@ fn datagrams_both_ways(kind: Flavor) {
         assert!(buf[..n].iter().all(|&b| b == i));
     }
     let s = r.io.stats();
-    assert_eq!((s.udp_rx, s.udp_tx, s.udp_send_errors), (100, 40, 0));
+    assert_eq!((s.udp_rx, s.udp_rx_bytes, s.udp_tx, s.udp_send_errors), (100, 100 * 100, 40, 0));
     assert!(s.send_calls < 40, "GSO and batching: {} send calls for 40 datagrams", s.send_calls);
 }
 
@@ -224,6 +224,7 @@ fn gro_runs_are_cut_into_datagrams(kind: Flavor) {
     let s = rx.io.stats();
     assert!(s.udp_gro_reads >= 3, "no run came in whole: {s:?}");
     assert_eq!((s.udp_rx, s.udp_truncated, s.udp_gro_refused), (120, 0, 0));
+    assert_eq!(s.udp_rx_bytes, 3 * (39 * 1200 + 500));
 }
 
 fn replace_socket(kind: Flavor) {

@@ -207,9 +207,10 @@ impl LinkBuilder {
     /// last 100 ms:
     /// - over 97% of a processor (a flood), so that it cannot starve the machine, until it is
     ///   under 50%;
-    /// - over 40% in turns of fewer than 8 packets (small packets one by one, which move
-    ///   faster in the fair class's batches, and whose senders a real-time worker would
-    ///   preempt at every packet), until it is under 20%.
+    /// - over 40% for 500 ms in turns that move under 8 KiB each on average (small packets
+    ///   one by one, which take a real-time worker up to three times the processor time
+    ///   they take in the fair class's batches, time it takes from their senders when they
+    ///   run on the same machine), until it is under 20%, or for 5 s before it tries again.
     ///
     /// It needs `CAP_SYS_NICE`; where the kernel refuses it, the link logs why and runs in the
     /// fair class. A worker started real-time (`chrt`) keeps what it was given. The

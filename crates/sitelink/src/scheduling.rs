@@ -12,15 +12,19 @@
 //! real time once it is under [`RECOVERED`]. (A worker under real time that moves a full TCP
 //! load through a 2-processor machine uses about 90%.)
 //!
-//! Real time also costs where packets come one by one: a worker woken at once for every
-//! packet preempts the thread that sends them (on the same machine), and moves them in
-//! turns of one or two, each paying a wake-up and a system call. A flood of small packets
-//! then moves at half the rate it does in the fair class, where packets wait a little and
-//! go in batches. So a worker busier than [`BUSY`] whose turns moved fewer than
-//! [`LIGHT_TURN`] packets on average goes back to the fair class too, and returns only
-//! once it is under [`QUIET`] (its turns are heavier in the fair class, so they cannot
-//! tell when real time would pay again). Under a bulk transfer, turns move tens of packets
-//! each (a super-packet's segments, a run of datagrams), and real time stays.
+//! Real time also costs where small packets come one by one: a worker woken at once for
+//! every few packets pays a wake-up and system calls for each few, at up to three times the
+//! processor time per packet, which it takes from the applications that send them when they
+//! run on the same machine. A flood of 64-byte datagrams from such an application moves at
+//! half the rate it does in the fair class, where packets wait a little and go in batches.
+//! So a worker busier than [`BUSY`] whose turns moved fewer than [`LIGHT_TURN_BYTES`] on
+//! average for [`LIGHT_WINDOWS`] windows in a row goes back to the fair class too. Its turns
+//! are heavier there, so they cannot tell when real time would pay again: it returns once
+//! it is under [`QUIET`], or to try again after [`FAIR_WINDOWS`]. Under a bulk transfer,
+//! turns move tens of full-sized packets each (a super-packet, a run of datagrams), and
+//! real time stays; when TCP recovers from a loss, turns are light for a window or two (few
+//! packets, each costly: the kernel works through its out-of-order queue in the worker's
+//! TUN writes), which the windows in a row let pass.
 
 use std::time::{Duration, Instant};
 
@@ -41,21 +45,31 @@ pub(crate) const RECOVERED: u32 = 50;
 /// light leaves real time.
 pub(crate) const BUSY: u32 = 40;
 
-/// Packets per turn (received and read, on average over a window) under which a turn is
-/// light. Measured on the 2-processor test machine, under real time: 3.5-4.5 in a flood of
-/// 64-byte datagrams, tens under a full TCP load.
-pub(crate) const LIGHT_TURN: u64 = 8;
+/// Bytes per turn (received and read, on average over a window) under which a turn is
+/// light. Measured on the 2-processor test machine, under real time (benches/RESULTS.md):
+/// 0.1-1.5 KiB in a flood of 64-byte datagrams; under a full TCP load, at least 36 KiB in
+/// every window, 40-50 KiB in all but one in twenty.
+pub(crate) const LIGHT_TURN_BYTES: u64 = 8 * 1024;
+
+/// Windows in a row of light turns after which a busy worker leaves real time: 500 ms, where
+/// a TCP loss recovery takes one or two.
+pub(crate) const LIGHT_WINDOWS: u32 = 5;
 
 /// The share of a processor (in hundredths) under which a worker sent back to the fair
 /// class for its light turns returns to real time.
 pub(crate) const QUIET: u32 = 20;
+
+/// Windows after which a worker sent back to the fair class for its light turns tries real
+/// time again, however busy (5 s: a flood of small packets that goes on costs a tenth of
+/// its time in real time, and a bulk transfer that follows it gets real time back).
+pub(crate) const FAIR_WINDOWS: u32 = 50;
 
 /// Why a worker that asked for real time runs in the fair class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fair {
     /// Busier than [`SATURATED`].
     Saturated,
-    /// Busier than [`BUSY`], in turns lighter than [`LIGHT_TURN`].
+    /// Busier than [`BUSY`], in turns lighter than [`LIGHT_TURN_BYTES`].
     LightTurns,
 }
 
@@ -72,13 +86,16 @@ pub(crate) struct WorkerScheduling {
     on: bool,
     /// Why real time is not in force, when it was asked for and left.
     left: Option<Fair>,
+    /// Under real time, the windows of light turns in a row; in the fair class, the windows
+    /// since real time was left.
+    streak: u32,
     window_start: Instant,
     /// The thread's processor time when the window started.
     cpu_at_start: Duration,
     /// Turns started in this window.
     turns: u64,
-    /// The worker's count of packets moved when the window started.
-    packets_at_start: u64,
+    /// The worker's count of bytes moved when the window started.
+    bytes_at_start: u64,
 }
 
 impl WorkerScheduling {
@@ -96,10 +113,11 @@ impl WorkerScheduling {
             real_time: None,
             on: false,
             left: None,
+            streak: 0,
             window_start: now,
             cpu_at_start: sitelink_io::thread_cpu_time(),
             turns: 0,
-            packets_at_start: 0,
+            bytes_at_start: 0,
         };
         let current = match ThreadScheduling::current() {
             Ok(c) => c,
@@ -150,11 +168,11 @@ impl WorkerScheduling {
         self.on
     }
 
-    /// A turn of the worker starts at `now`, the worker having moved `packets` (received
-    /// and read) since it started: at the end of each window, the worker leaves or takes back
+    /// A turn of the worker starts at `now`, the worker having moved `bytes` (received and
+    /// read) since it started: at the end of each window, the worker leaves or takes back
     /// real time by the share of a processor it used and its turns' weight (one clock read a
     /// window).
-    pub(crate) fn turn(&mut self, index: usize, now: Instant, packets: u64) {
+    pub(crate) fn turn(&mut self, index: usize, now: Instant, bytes: u64) {
         if self.real_time.is_none() {
             return;
         }
@@ -162,36 +180,44 @@ impl WorkerScheduling {
         if now.saturating_duration_since(self.window_start) < WINDOW {
             return;
         }
-        if let Some(want) = self.observe(now, sitelink_io::thread_cpu_time(), packets) {
+        if let Some(want) = self.observe(now, sitelink_io::thread_cpu_time(), bytes) {
             self.switch(index, want);
         }
     }
 
     /// Ends the window at `now`, with the thread's processor time `cpu` and its count of
-    /// packets moved: real time on (`None`) or the fair class and why, when that is a change.
-    fn observe(&mut self, now: Instant, cpu: Duration, packets: u64) -> Option<Option<Fair>> {
+    /// bytes moved: real time on (`None`) or the fair class and why, when that is a change.
+    fn observe(&mut self, now: Instant, cpu: Duration, bytes: u64) -> Option<Option<Fair>> {
         let share = busy_share(
             cpu.saturating_sub(self.cpu_at_start),
             now.saturating_duration_since(self.window_start),
         );
-        let per_turn = packets.saturating_sub(self.packets_at_start) / self.turns.max(1);
-        tracing::trace!(busy_percent = share, packets_per_turn = per_turn, "a worker's window");
+        let per_turn = bytes.saturating_sub(self.bytes_at_start) / self.turns.max(1);
+        tracing::trace!(
+            busy_percent = share,
+            turns = self.turns,
+            bytes_per_turn = per_turn,
+            "a worker's window"
+        );
         self.window_start = now;
         self.cpu_at_start = cpu;
-        self.packets_at_start = packets;
+        self.bytes_at_start = bytes;
         self.turns = 0;
         if self.on {
+            let light = share > BUSY && per_turn < LIGHT_TURN_BYTES;
+            self.streak = if light { self.streak + 1 } else { 0 };
             if share > SATURATED {
                 Some(Some(Fair::Saturated))
-            } else if share > BUSY && per_turn < LIGHT_TURN {
+            } else if self.streak >= LIGHT_WINDOWS {
                 Some(Some(Fair::LightTurns))
             } else {
                 None
             }
         } else {
+            self.streak += 1;
             let back = match self.left {
                 Some(Fair::Saturated) => share < RECOVERED,
-                Some(Fair::LightTurns) => share < QUIET,
+                Some(Fair::LightTurns) => share < QUIET || self.streak >= FAIR_WINDOWS,
                 None => false,
             };
             back.then_some(None)
@@ -206,6 +232,7 @@ impl WorkerScheduling {
             Ok(()) => {
                 self.on = to.is_none();
                 self.left = to;
+                self.streak = 0;
                 match to {
                     None => tracing::info!(worker = index, "worker back under real-time scheduling"),
                     Some(Fair::Saturated) => tracing::info!(
@@ -215,7 +242,7 @@ impl WorkerScheduling {
                     Some(Fair::LightTurns) => tracing::info!(
                         worker = index,
                         "worker busy with packets that come one by one: in the fair class, \
-                         where they go in batches, until it is under {QUIET}% busy"
+                         where they go in batches, until it is under {QUIET}% busy (or for 5 s)"
                     ),
                 }
             }
@@ -249,21 +276,22 @@ mod tests {
     }
 
     /// Windows of `share` percent of a processor, `n` of them, each of 100 turns moving
-    /// `per_turn` packets: the changes asked for.
+    /// `per_turn` bytes: the changes asked for.
     fn windows(s: &mut WorkerScheduling, n: u32, share: u32, per_turn: u64) -> Vec<Option<Fair>> {
         (0..n)
             .filter_map(|_| {
-                let (t, cpu, packets) = (
+                let (t, cpu, bytes) = (
                     s.window_start + WINDOW,
                     s.cpu_at_start + WINDOW * share / 100,
-                    s.packets_at_start + 100 * per_turn,
+                    s.bytes_at_start + 100 * per_turn,
                 );
                 s.turns = 100;
-                let change = s.observe(t, cpu, packets);
+                let change = s.observe(t, cpu, bytes);
                 if let Some(to) = change {
                     // As `switch` does, without changing the thread's scheduling.
                     s.on = to.is_none();
                     s.left = to;
+                    s.streak = 0;
                 }
                 change
             })
@@ -276,10 +304,11 @@ mod tests {
             real_time: None,
             on: true,
             left: None,
+            streak: 0,
             window_start: Instant::now(),
             cpu_at_start: Duration::from_secs(1),
             turns: 0,
-            packets_at_start: 0,
+            bytes_at_start: 0,
         }
     }
 
@@ -287,30 +316,45 @@ mod tests {
     fn a_saturated_worker_leaves_real_time_and_comes_back_when_it_has_time_to_spare() {
         let mut s = real_time_worker();
         // 91% (a full TCP load on two processors), in heavy turns: real time stays.
-        assert_eq!(windows(&mut s, 5, 91, 40), vec![]);
+        assert_eq!(windows(&mut s, 5, 91, 40_000), vec![]);
         // 100% (a flood): the fair class.
-        assert_eq!(windows(&mut s, 1, 100, 40), vec![Some(Fair::Saturated)]);
+        assert_eq!(windows(&mut s, 1, 100, 40_000), vec![Some(Fair::Saturated)]);
         // 70%: between the marks, it stays where it is.
-        assert_eq!(windows(&mut s, 5, 70, 40), vec![]);
+        assert_eq!(windows(&mut s, 5, 70, 40_000), vec![]);
         // 45%: back to real time.
-        assert_eq!(windows(&mut s, 1, 45, 40), vec![None]);
-        assert_eq!(windows(&mut s, 5, 70, 40), vec![]);
+        assert_eq!(windows(&mut s, 1, 45, 40_000), vec![None]);
+        assert_eq!(windows(&mut s, 5, 70, 40_000), vec![]);
     }
 
     #[test]
-    fn a_busy_worker_in_light_turns_leaves_real_time_until_it_is_quiet() {
+    fn a_busy_worker_in_light_turns_leaves_real_time_until_it_is_quiet_or_tries_again() {
         let mut s = real_time_worker();
         // Light turns while the worker has little to do (a ping, a voice call): real time stays.
-        assert_eq!(windows(&mut s, 5, BUSY, 1), vec![]);
+        assert_eq!(windows(&mut s, 10, BUSY, 100), vec![]);
         // Heavy turns, busy: stays.
-        assert_eq!(windows(&mut s, 5, 85, LIGHT_TURN), vec![]);
-        // Busy in light turns (a flood of small packets): the fair class.
-        assert_eq!(windows(&mut s, 1, BUSY + 1, LIGHT_TURN - 1), vec![Some(Fair::LightTurns)]);
+        assert_eq!(windows(&mut s, 10, 85, LIGHT_TURN_BYTES), vec![]);
+        // Light for a window or two (a TCP loss recovery), then heavy again: stays.
+        for _ in 0..3 {
+            assert_eq!(windows(&mut s, LIGHT_WINDOWS - 1, 60, 300), vec![]);
+            assert_eq!(windows(&mut s, 1, 85, 40_000), vec![]);
+        }
+        // Busy in light turns for long enough (a flood of small packets): the fair class.
+        assert_eq!(windows(&mut s, LIGHT_WINDOWS - 1, BUSY + 1, LIGHT_TURN_BYTES - 1), vec![]);
+        assert_eq!(windows(&mut s, 1, BUSY + 1, LIGHT_TURN_BYTES - 1), vec![Some(Fair::LightTurns)]);
         // Its turns grow heavier there, and its share may fall under the saturation
         // guard's mark: it stays, until it is quiet.
-        assert_eq!(windows(&mut s, 5, 30, 30), vec![]);
-        assert_eq!(windows(&mut s, 1, QUIET - 1, 30), vec![None]);
+        assert_eq!(windows(&mut s, 5, 30, 30_000), vec![]);
+        assert_eq!(windows(&mut s, 1, QUIET - 1, 30_000), vec![None]);
         assert!(s.on);
+        // Or, busy all along, until it tries real time again, and leaves again if the
+        // flood goes on.
+        assert_eq!(windows(&mut s, LIGHT_WINDOWS, 60, 200), vec![Some(Fair::LightTurns)]);
+        assert_eq!(windows(&mut s, FAIR_WINDOWS - 1, 60, 30_000), vec![]);
+        assert_eq!(windows(&mut s, 1, 60, 30_000), vec![None]);
+        assert_eq!(windows(&mut s, LIGHT_WINDOWS, 60, 200), vec![Some(Fair::LightTurns)]);
+        // A bulk transfer after a flood has real time back within FAIR_WINDOWS, and keeps it.
+        assert_eq!(windows(&mut s, FAIR_WINDOWS, 85, 40_000), vec![None]);
+        assert_eq!(windows(&mut s, 100, 85, 40_000), vec![]);
     }
 
     #[test]

@@ -188,7 +188,9 @@ fn run(shared: &Shared, index: usize, mut io: Box<dyn PacketIo>, mut pool: BufPo
             panic!("injected by Link::inject_worker_panic");
         }
         let now = Instant::now();
-        scheduling.turn(index, now, io.stats().udp_rx + io.stats().tun_rx);
+        // What the turns move, for the scheduling's judgement of their weight.
+        let moved = io.stats().udp_rx_bytes + io.stats().tun_rx_bytes + b.taken_bytes;
+        scheduling.turn(index, now, moved);
 
         if let Some(socket) = lock(&slot.pending_socket).take() {
             let port = socket.port();
@@ -324,6 +326,9 @@ struct Buffers {
     batch: CryptoBatch,
     /// Carries half of a large batch's opens to an idle worker and back (see `open_sharing`).
     spare: CryptoBatch,
+    /// Bytes taken from the embedding application's queue (what `tun_rx_bytes` counts for a
+    /// TUN device).
+    taken_bytes: u64,
 }
 
 impl Buffers {
@@ -337,6 +342,7 @@ impl Buffers {
             out: Vec::with_capacity(VEC_CAPACITY * 2),
             batch: CryptoBatch::with_capacity(VEC_CAPACITY),
             spare: CryptoBatch::with_capacity(VEC_CAPACITY / 2),
+            taken_bytes: 0,
         }
     }
 }
@@ -394,7 +400,9 @@ impl Turn<'_> {
         errors: &mut ErrorLog,
     ) -> bool {
         if let Some(side) = &self.shared.in_process {
+            let before = b.read.len();
             side.take_outbound(self.index, &mut b.read, VEC_CAPACITY / 4);
+            b.taken_bytes += b.read[before..].iter().map(|p| p.len() as u64).sum::<u64>();
             side.balance(pool);
             return false;
         }

@@ -228,6 +228,7 @@ impl UringIo {
             }
             Event::Packet(buf) => {
                 stats.tun_rx += 1;
+                stats.tun_rx_bytes += buf.data().len() as u64;
                 quiet.input_seen = true;
                 ready_packets.push(buf);
             }
@@ -248,6 +249,7 @@ impl UringIo {
             }
             Event::Received(d) => {
                 stats.udp_rx += 1;
+                stats.udp_rx_bytes += d.buf.data().len() as u64;
                 quiet.input_seen = true;
                 ready_datagrams.push(d);
             }
