@@ -47,8 +47,8 @@ pub(crate) const BUSY: u32 = 40;
 
 /// Bytes per turn (received and read, on average over a window) under which a turn is
 /// light. Measured on the 2-processor test machine, under real time (benches/RESULTS.md):
-/// 0.1-1.5 KiB in a flood of 64-byte datagrams; under a full TCP load, at least 36 KiB in
-/// every window, 40-50 KiB in all but one in twenty.
+/// 0.1-1.5 KiB in a flood of 64-byte datagrams; under a full TCP load, 40-50 KiB at the
+/// 5th percentile of windows and at least 36 KiB in all but one of 478 (5.4 KiB, alone).
 pub(crate) const LIGHT_TURN_BYTES: u64 = 8 * 1024;
 
 /// Windows in a row of light turns after which a busy worker leaves real time: 500 ms, where
