@@ -142,10 +142,32 @@ fn sitelinkd_survives_garbage_and_counts_it() {
     pair.start(1, Impl::Sitelink("mmsg"));
     pair.configure();
     pair.ns_exec(0, "ping -c 2 -i 0.2 -W 3 10.202.0.2");
-    // The workers run under SCHED_FIFO by default (root has CAP_SYS_NICE), in the fair class
-    // with --no-realtime.
-    assert_eq!(worker_policies(pair.pid(0)), vec![SCHED_FIFO], "side 0's workers");
-    assert_eq!(worker_policies(pair.pid(1)), vec![SCHED_OTHER], "side 1's workers (--no-realtime)");
+    // The workers run under SCHED_FIFO by default (root has CAP_SYS_NICE) while the link is
+    // loaded, in the fair class while it is idle, and always with --no-realtime.
+    assert_eq!(worker_policies(pair.pid(0)), vec![SCHED_OTHER], "side 0's workers, idle");
+    let (pid0, pid1) = (pair.pid(0), pair.pid(1));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let seen = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let mut seen = (Vec::new(), Vec::new());
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                for (pid, policies) in [(pid0, &mut seen.0), (pid1, &mut seen.1)] {
+                    for p in worker_policies(pid) {
+                        if !policies.contains(&p) {
+                            policies.push(p);
+                        }
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            seen
+        });
+        pair.tcp_transfer_checked(1, 256 << 20);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap()
+    });
+    assert!(seen.0.contains(&SCHED_FIFO), "side 0's workers under load: {:?}", seen.0);
+    assert_eq!(seen.1, vec![SCHED_OTHER], "side 1's workers (--no-realtime)");
     // Random bytes, truncated and oversized messages, a transport header naming no session.
     pair.ns_exec(
         1,

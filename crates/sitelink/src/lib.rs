@@ -199,12 +199,15 @@ impl LinkBuilder {
         self
     }
 
-    /// Runs the workers under `SCHED_FIFO` at `priority` (1-99) while they have time to
-    /// spare (off, `None`, by default in the library; sitelinkd turns it on). On a machine
-    /// whose processors the link shares with busy applications, most of a packet's wait
-    /// through a loaded link is its worker waiting for a processor; a real-time worker runs as
-    /// soon as a packet wakes it. A worker goes back to the fair class, each judged on its
-    /// last 100 ms:
+    /// Runs the workers under `SCHED_FIFO` at `priority` (1-99) while the link is loaded and
+    /// they have time to spare (off, `None`, by default in the library; sitelinkd turns it
+    /// on). On a machine whose processors the link shares with busy applications, most of a
+    /// packet's wait through a loaded link is its worker waiting for a processor; a real-time
+    /// worker runs as soon as a packet wakes it. A worker starts in the fair class, takes real
+    /// time once it uses over 8% of a processor and goes back to the fair class, each judged
+    /// on its last 100 ms:
+    /// - under 3% (idle: a packet waking an idle real-time worker waits longer than in the
+    ///   fair class);
     /// - over 97% of a processor (a flood), so that it cannot starve the machine, until it is
     ///   under 50%;
     /// - over 40% for 500 ms in turns that move under 8 KiB each on average (small packets

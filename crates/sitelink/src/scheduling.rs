@@ -25,6 +25,11 @@
 //! real time stays; when TCP recovers from a loss, turns are light for a window or two (few
 //! packets, each costly: the kernel works through its out-of-order queue in the worker's
 //! TUN writes), which the windows in a row let pass.
+//!
+//! Real time is for a loaded link only: a packet that wakes an idle real-time worker waits
+//! longer than it does in the fair class (on the test machine, a virtual one, an idle ping
+//! took 50-80 µs more), so a worker starts in the fair class, takes real time once it is
+//! busier than [`LOADED`] and leaves it under [`IDLE`].
 
 use std::time::{Duration, Instant};
 
@@ -64,9 +69,20 @@ pub(crate) const QUIET: u32 = 20;
 /// its time in real time, and a bulk transfer that follows it gets real time back).
 pub(crate) const FAIR_WINDOWS: u32 = 50;
 
+/// The share of a processor (in hundredths) under which a real-time worker goes back to the
+/// fair class as idle: a packet that wakes an idle real-time worker waits longer than one
+/// that wakes it in the fair class (measured, benches/RESULTS.md: idle pings 50-80 µs slower
+/// under real time, and more processor time each).
+pub(crate) const IDLE: u32 = 3;
+
+/// The share of a processor (in hundredths) from which an idle worker takes real time.
+pub(crate) const LOADED: u32 = 8;
+
 /// Why a worker that asked for real time runs in the fair class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fair {
+    /// Under [`IDLE`] (where every worker starts), until it is over [`LOADED`].
+    Idle,
     /// Busier than [`SATURATED`].
     Saturated,
     /// Busier than [`BUSY`], in turns lighter than [`LIGHT_TURN_BYTES`].
@@ -146,12 +162,18 @@ impl WorkerScheduling {
                     if index == 0 {
                         tracing::info!(
                             priority,
-                            "workers run under SCHED_FIFO while they have time to spare \
-                             (the fair class above {SATURATED}% of a processor)"
+                            "workers run under SCHED_FIFO while loaded and with time to spare \
+                             (the fair class under {IDLE}% or above {SATURATED}% of a processor)"
                         );
                     }
                     s.real_time = Some(rt);
-                    s.on = true;
+                    // Taken, to know it is allowed; the worker starts idle, in the fair class.
+                    if let Err(e) = fair.apply() {
+                        tracing::warn!(error = %e, "back to the fair class refused; the worker stays real-time");
+                        s.on = true;
+                    } else {
+                        s.left = Some(Fair::Idle);
+                    }
                 }
                 Err(e) if index == 0 => {
                     tracing::info!(error = %e, "real-time scheduling refused; workers stay in the fair class")
@@ -210,6 +232,8 @@ impl WorkerScheduling {
                 Some(Some(Fair::Saturated))
             } else if self.streak >= LIGHT_WINDOWS {
                 Some(Some(Fair::LightTurns))
+            } else if share < IDLE {
+                Some(Some(Fair::Idle))
             } else {
                 None
             }
@@ -218,9 +242,17 @@ impl WorkerScheduling {
             let back = match self.left {
                 Some(Fair::Saturated) => share < RECOVERED,
                 Some(Fair::LightTurns) => share < QUIET || self.streak >= FAIR_WINDOWS,
+                Some(Fair::Idle) => share > LOADED,
                 None => false,
             };
-            back.then_some(None)
+            if !back {
+                return None;
+            }
+            // Quiet after a flood: idle, not real time.
+            if share < IDLE && self.left != Some(Fair::Idle) {
+                return Some(Some(Fair::Idle));
+            }
+            Some(None)
         }
     }
 
@@ -234,7 +266,8 @@ impl WorkerScheduling {
                 self.left = to;
                 self.streak = 0;
                 match to {
-                    None => tracing::info!(worker = index, "worker back under real-time scheduling"),
+                    None => tracing::debug!(worker = index, "worker loaded: under real-time scheduling"),
+                    Some(Fair::Idle) => tracing::debug!(worker = index, "worker idle: in the fair class"),
                     Some(Fair::Saturated) => tracing::info!(
                         worker = index,
                         "worker saturated: in the fair class until it is under {RECOVERED}% busy"
@@ -359,10 +392,29 @@ mod tests {
 
     #[test]
     fn windows_without_turns_count_none() {
-        // The worker slept through a window: no division by zero, a quiet share.
+        // The worker slept through a window: no division by zero, a quiet share (idle).
         let mut s = real_time_worker();
         let t = s.window_start + WINDOW * 3;
-        assert_eq!(s.observe(t, s.cpu_at_start, 0), None);
+        assert_eq!(s.observe(t, s.cpu_at_start, 0), Some(Some(Fair::Idle)));
+    }
+
+    #[test]
+    fn real_time_is_for_a_loaded_worker() {
+        let mut s = real_time_worker();
+        // Idle pings, a voice call: the fair class, where a wake-up is quicker.
+        assert_eq!(windows(&mut s, 3, IDLE - 1, 100), vec![Some(Fair::Idle)]);
+        assert_eq!(windows(&mut s, 10, LOADED, 100), vec![]);
+        // Loaded: real time, kept down to IDLE.
+        assert_eq!(windows(&mut s, 1, LOADED + 1, 40_000), vec![None]);
+        assert_eq!(windows(&mut s, 10, IDLE, 40_000), vec![]);
+        assert_eq!(windows(&mut s, 1, IDLE - 1, 40_000), vec![Some(Fair::Idle)]);
+        // A flood that ends in silence: idle, not real time.
+        assert_eq!(windows(&mut s, 1, 60, 40_000), vec![None]);
+        assert_eq!(windows(&mut s, LIGHT_WINDOWS, 60, 100), vec![Some(Fair::LightTurns)]);
+        assert_eq!(windows(&mut s, 1, 0, 0), vec![Some(Fair::Idle)]);
+        assert_eq!(windows(&mut s, 1, 100, 40_000), vec![None]);
+        assert_eq!(windows(&mut s, 1, 100, 40_000), vec![Some(Fair::Saturated)]);
+        assert_eq!(windows(&mut s, 1, 0, 0), vec![Some(Fair::Idle)]);
     }
 
     #[test]
@@ -371,21 +423,32 @@ mod tests {
         std::thread::spawn(|| {
             let now = Instant::now();
             let mut s = WorkerScheduling::start(Some(1), Duration::from_micros(100), 0, now);
-            if !s.real_time_now() {
+            if s.real_time.is_none() {
                 assert!(!sitelink_io::is_root(), "real-time scheduling refused to root");
                 eprintln!("SKIPPED: real-time scheduling needs root");
                 return;
             }
+            // Allowed, and the worker starts idle, in the fair class.
+            assert!(!s.real_time_now());
+            assert!(ThreadScheduling::current().unwrap().is_fair());
+            // A loaded window (the worker's own clock and processor time): real time.
+            let start = Instant::now();
+            while start.elapsed() < WINDOW + Duration::from_millis(10) {
+                std::hint::spin_loop();
+            }
+            s.turn(0, Instant::now(), 1 << 30);
+            assert!(s.real_time_now());
             assert!(ThreadScheduling::current().unwrap().is_real_time());
-            // Saturated (the windows' arithmetic is the test above): the fair class.
+            // Saturated (the windows' arithmetic is the tests above): the fair class.
             s.switch(0, Some(Fair::Saturated));
             assert!(!s.real_time_now());
             assert!(ThreadScheduling::current().unwrap().is_fair());
-            // A quiet window: real time again, through the worker's own clock.
+            // A quiet window: idle, still in the fair class.
             std::thread::sleep(WINDOW + Duration::from_millis(10));
-            s.turn(0, Instant::now(), 0);
-            assert!(s.real_time_now());
-            assert!(ThreadScheduling::current().unwrap().is_real_time());
+            s.turn(0, Instant::now(), 1 << 30);
+            assert!(!s.real_time_now());
+            assert_eq!(s.left, Some(Fair::Idle));
+            assert!(ThreadScheduling::current().unwrap().is_fair());
         })
         .join()
         .unwrap();
