@@ -1,6 +1,6 @@
 //! How a worker thread is scheduled: in the fair class with short slices, or, when the link
 //! asks for it ([`LinkBuilder::real_time_workers`](crate::LinkBuilder::real_time_workers)),
-//! under `SCHED_FIFO` while the worker has time to spare.
+//! under `SCHED_FIFO` while the worker is loaded and has time to spare.
 //!
 //! On a machine whose processors the link shares with busy applications, a packet's wait
 //! through a loaded link is mostly its worker waiting for a processor: woken by the packet,
