@@ -98,9 +98,7 @@ pub(crate) struct WorkerScheduling {
     /// The real-time scheduling the worker takes while it has time to spare (`None`: not
     /// asked for, refused, or the thread was already real-time when it started).
     real_time: Option<ThreadScheduling>,
-    /// Whether real time is in force.
-    on: bool,
-    /// Why real time is not in force, when it was asked for and left.
+    /// Why the worker runs in the fair class (`None`: under real time, if `real_time` is).
     left: Option<Fair>,
     /// Under real time, the windows of light turns in a row; in the fair class, the windows
     /// since real time was left.
@@ -127,7 +125,6 @@ impl WorkerScheduling {
         let mut s = WorkerScheduling {
             fair: None,
             real_time: None,
-            on: false,
             left: None,
             streak: 0,
             window_start: now,
@@ -168,11 +165,11 @@ impl WorkerScheduling {
                     }
                     s.real_time = Some(rt);
                     // Taken, to know it is allowed; the worker starts idle, in the fair class.
-                    if let Err(e) = fair.apply() {
-                        tracing::warn!(error = %e, "back to the fair class refused; the worker stays real-time");
-                        s.on = true;
-                    } else {
-                        s.left = Some(Fair::Idle);
+                    match fair.apply() {
+                        Ok(()) => s.settle(Some(Fair::Idle)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "back to the fair class refused; the worker stays real-time")
+                        }
                     }
                 }
                 Err(e) if index == 0 => {
@@ -187,7 +184,13 @@ impl WorkerScheduling {
     /// Whether the worker runs under real time now.
     #[cfg(test)]
     pub(crate) fn real_time_now(&self) -> bool {
-        self.on
+        self.real_time.is_some() && self.left.is_none()
+    }
+
+    /// Records that real time is in force (`None`) or the fair class and why, with a new streak.
+    fn settle(&mut self, to: Option<Fair>) {
+        self.left = to;
+        self.streak = 0;
     }
 
     /// A turn of the worker starts at `now`, the worker having moved `bytes` (received and
@@ -225,7 +228,7 @@ impl WorkerScheduling {
         self.cpu_at_start = cpu;
         self.bytes_at_start = bytes;
         self.turns = 0;
-        if self.on {
+        if self.left.is_none() {
             let light = share > BUSY && per_turn < LIGHT_TURN_BYTES;
             self.streak = if light { self.streak + 1 } else { 0 };
             if share > SATURATED {
@@ -262,9 +265,7 @@ impl WorkerScheduling {
         let (Some(fair), Some(rt)) = (self.fair, self.real_time) else { return };
         match if to.is_none() { rt.apply() } else { fair.apply() } {
             Ok(()) => {
-                self.on = to.is_none();
-                self.left = to;
-                self.streak = 0;
+                self.settle(to);
                 match to {
                     None => tracing::debug!(worker = index, "worker loaded: under real-time scheduling"),
                     Some(Fair::Idle) => tracing::debug!(worker = index, "worker idle: in the fair class"),
@@ -322,9 +323,7 @@ mod tests {
                 let change = s.observe(t, cpu, bytes);
                 if let Some(to) = change {
                     // As `switch` does, without changing the thread's scheduling.
-                    s.on = to.is_none();
-                    s.left = to;
-                    s.streak = 0;
+                    s.settle(to);
                 }
                 change
             })
@@ -335,7 +334,6 @@ mod tests {
         WorkerScheduling {
             fair: None,
             real_time: None,
-            on: true,
             left: None,
             streak: 0,
             window_start: Instant::now(),
@@ -378,7 +376,7 @@ mod tests {
         // guard's mark: it stays, until it is quiet.
         assert_eq!(windows(&mut s, 5, 30, 30_000), vec![]);
         assert_eq!(windows(&mut s, 1, QUIET - 1, 30_000), vec![None]);
-        assert!(s.on);
+        assert_eq!(s.left, None, "under real time");
         // Or, busy all along, until it tries real time again, and leaves again if the
         // flood goes on.
         assert_eq!(windows(&mut s, LIGHT_WINDOWS, 60, 200), vec![Some(Fair::LightTurns)]);

@@ -66,13 +66,13 @@ struct Args {
     no_offload: bool,
     /// Run the workers under SCHED_FIFO (priority 1) while the link is loaded and they have
     /// time to spare (the default), so that a packet through a loaded link does not wait for a
-    /// processor behind busy applications. A worker takes real time over 8% of a processor
-    /// and goes back to the fair class under 3% (idle), while it uses over 97% of a
-    /// processor (a flood; until it is under 50%), or over 40% for 500 ms in turns of under
-    /// 8 KiB each (small packets one by one, which move faster in batches; until it is under
-    /// 20%, or for 5 s). Needs CAP_SYS_NICE; refused, the workers stay in the fair class and the log
-    /// says so. `--realtime=false` (or SITELINK_REALTIME=0, or --no-realtime) keeps them in
-    /// the fair class, for a machine whose other threads must never wait behind the link.
+    /// processor behind busy applications. A worker takes real time once it uses over 8% of a
+    /// processor and leaves it under 3% (idle), over 97% (a flood; until it is under 50%), or
+    /// over 40% for 500 ms in turns of under 8 KiB each (small packets one by one, which move
+    /// faster in batches; until it is under 20%, or for 5 s). Needs CAP_SYS_NICE; refused,
+    /// the workers stay in the fair class and the log says so. `--realtime=false` (or
+    /// SITELINK_REALTIME=0, or --no-realtime) keeps them in the fair class, for a machine
+    /// whose other threads must never wait behind the link.
     #[arg(
         long,
         env = "SITELINK_REALTIME",
